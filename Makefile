@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make quickstart` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# CPU build where there is no CUDA. Elsewhere: make TORCH=torch (or add PIP_INDEX_URL for a CPU wheel index).
+TORCH  ?= torch==2.13.0
+RUN    := runs/quickstart
+STAMP  := $(VENV)/.installed
+
+.PHONY: quickstart test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/slmforge tokenizer train --vocab-size 4096 --out $(RUN)/tokenizer
+	$(BIN)/slmforge data prepare --tokenizer $(RUN)/tokenizer --out $(RUN)/data
+	$(BIN)/slmforge train --preset quickstart --data $(RUN)/data --out $(RUN)/train --fresh
+	$(BIN)/slmforge eval $(RUN)/train
+	$(BIN)/slmforge sample $(RUN)/train --prompt "def " --prompt "import " --max-new-tokens 60 --temperature 0.8 --top-k 50 --seed 0
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_dense.py
+
+clean:
+	rm -rf $(RUN)
