@@ -1,0 +1,108 @@
+"""KV cache addressed by sequence slot.
+
+Each of the B slots holds one sequence with its own length, so sequences of different lengths decode
+together, k > 1 tokens can be appended at once (prefill, speculative verification) and rejected tokens
+rolled back. Every stored entry carries its absolute position (-1 = empty), and the attention mask is
+built from positions, so padding and rollback need no special casing in the model.
+
+A global layer stores entry p at slot p. A sliding-window layer keeps a ring of W + margin slots
+(entry p at slot p mod capacity): the margin lets the last `margin` tokens be rolled back and a chunk of
+up to margin + 1 tokens be written before it is attended to.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class CacheStep:
+    positions: torch.Tensor  # [B, T] absolute positions of the tokens being added, -1 = padding
+    len_before: int  # longest sequence before the step
+    len_after: int  # longest sequence after it
+
+
+class LayerKV:
+    def __init__(self, cache: "KVCache", capacity: int, window: int | None, n_kv_heads: int, head_dim: int,
+                 value_dim: int, dtype: torch.dtype, device):
+        self.cache, self.capacity, self.window = cache, capacity, window
+        batch = cache.batch_size
+        # One extra scratch slot receives writes that must not land (padding, tokens beyond the ring).
+        self.k = torch.zeros(batch, n_kv_heads, capacity + 1, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(batch, n_kv_heads, capacity + 1, value_dim, dtype=dtype, device=device)
+        self.pos = torch.full((batch, capacity + 1), -1, dtype=torch.long, device=device)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store k, v [B, H, T, d] of the current step; return all keys, values and key positions to attend."""
+        step = self.cache.step
+        n_new = k.shape[2]
+        fits = self.window is None or n_new <= self.capacity - self.window + 1
+        if fits:  # write first, then attend over the used slots (no copy of the cache)
+            self._write(k, v, step.positions)
+            used = min(self.capacity, step.len_after)
+            return self.k[:, :, :used], self.v[:, :, :used], self.pos[:, :used]
+        # A long chunk would overwrite ring entries its own first queries still need: attend over a copy.
+        used = min(self.capacity, step.len_before)
+        keys = torch.cat((self.k[:, :, :used], k), dim=2)
+        values = torch.cat((self.v[:, :, :used], v), dim=2)
+        key_pos = torch.cat((self.pos[:, :used], step.positions), dim=1)
+        self._write(k, v, step.positions)
+        return keys, values, key_pos
+
+    def _write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        last = positions.max(dim=1, keepdim=True).values
+        keep = (positions >= 0) & (positions > last - self.capacity)
+        slot = torch.where(keep, positions % self.capacity, self.capacity)
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)
+        self.k[rows, :, slot] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[rows, :, slot] = v.transpose(1, 2).to(self.v.dtype)
+        self.pos[rows, slot] = positions
+        self.pos[:, self.capacity] = -1
+
+    def truncate(self, lengths: torch.Tensor) -> None:
+        self.pos.masked_fill_(self.pos >= lengths[:, None], -1)
+
+
+class KVCache:
+    """Cache for a model's attention layers; `windows[i]` is layer i's sliding window or None."""
+
+    def __init__(self, windows: list[int | None], batch_size: int, max_len: int, n_kv_heads: int, head_dim: int,
+                 value_dim: int | None = None, dtype=torch.float32, device=None, rollback_margin: int = 16):
+        self.batch_size, self.max_len, self.rollback_margin = batch_size, max_len, rollback_margin
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.step: CacheStep | None = None
+        self.layers = [
+            LayerKV(self, max_len if w is None else min(max_len, w + rollback_margin), w, n_kv_heads, head_dim,
+                    value_dim or head_dim, dtype, device)
+            for w in windows
+        ]
+
+    def next_positions(self, n_tokens: int) -> torch.Tensor:
+        """Positions [B, n_tokens] that continue every sequence."""
+        return self.lengths[:, None] + torch.arange(n_tokens, device=self.lengths.device)
+
+    def begin(self, positions: torch.Tensor) -> None:
+        """Called by the model once per forward, before its layers read or write the cache."""
+        if positions.shape[0] != self.batch_size:
+            raise ValueError(f"cache holds {self.batch_size} sequences, got a batch of {positions.shape[0]}")
+        new_lengths = torch.maximum(self.lengths, positions.max(dim=1).values + 1)
+        len_after = int(new_lengths.max())
+        if len_after > self.max_len:
+            raise ValueError(f"cache is full: {len_after} positions requested, capacity {self.max_len}")
+        self.step = CacheStep(positions, int(self.lengths.max()), len_after)
+        self.lengths = new_lengths
+
+    def truncate(self, lengths: torch.Tensor | list[int]) -> None:
+        """Roll sequences back to `lengths` (0 frees a slot for a new sequence)."""
+        lengths = torch.as_tensor(lengths, dtype=torch.long, device=self.lengths.device)
+        if bool((lengths > self.lengths).any()):
+            raise ValueError("truncate can only shorten sequences")
+        dropped = int((self.lengths - lengths)[lengths > 0].max()) if bool((lengths > 0).any()) else 0
+        if dropped > self.rollback_margin and any(layer.window is not None for layer in self.layers):
+            raise ValueError(f"cannot roll back {dropped} tokens: sliding-window rings keep {self.rollback_margin}")
+        for layer in self.layers:
+            layer.truncate(lengths)
+        self.lengths = lengths.clone()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.k, layer.v))
