@@ -157,8 +157,11 @@ def _check_type(value, hint, key: str):
             return None
         inner = [a for a in args if a is not type(None)]
         return _check_type(value, inner[0], key)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # PyYAML reads "1e-4" (no dot) and "1.0e6" (no sign) as strings
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected float, got {value!r}") from None
     if hint in (int, float, str, bool):
         if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
             return value

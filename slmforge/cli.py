@@ -1,0 +1,167 @@
+"""`slmforge` command line: info, tokenizer train, data prepare, train, eval, sample."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from slmforge.config import ConfigError
+
+
+def _add_sources(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", action="append", default=[], metavar="SPEC",
+                   help="[NAME=]PATH[::FIELD[+FIELD]][@WEIGHT]: a file, folder, glob or .jsonl; repeatable "
+                        "(default: the Python standard library of this interpreter)")
+
+
+def _sources(specs: list[str]):
+    from slmforge.data.sources import default_sources, parse_source
+
+    return [parse_source(s) for s in specs] if specs else default_sources()
+
+
+def cmd_info(args) -> None:
+    from slmforge.config import load_config
+    from slmforge.model.stats import format_stats, model_stats
+    from slmforge.train.checkpoint import resolve_checkpoint
+
+    target = args.target
+    if Path(target).is_dir():
+        from slmforge.config import apply_overrides, from_dict
+        import json
+
+        ckpt = resolve_checkpoint(target)
+        cfg = from_dict(apply_overrides(json.loads((ckpt / "config.json").read_text()), args.set))
+        name = str(ckpt)
+    else:
+        cfg, name = load_config(target, args.set), target
+    print(format_stats(name, model_stats(cfg.model, args.context)))
+
+
+def cmd_tokenizer_train(args) -> None:
+    from slmforge.tokenizer import byte_tokenizer, train_bpe
+
+    if args.byte:
+        tokenizer = byte_tokenizer()
+    else:
+        tokenizer = train_bpe(_sources(args.source), args.vocab_size, max_chars=args.max_chars)
+    tokenizer.save(args.out)
+    print(f"tokenizer with {tokenizer.vocab_size} tokens written to {args.out}/tokenizer.json")
+
+
+def cmd_data_prepare(args) -> None:
+    from slmforge.data.prepare import prepare_dataset
+    from slmforge.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    prepare_dataset(_sources(args.source), tokenizer, args.out, val_fraction=args.val_fraction,
+                    max_tokens_per_source=args.max_tokens_per_source)
+
+
+def cmd_train(args) -> None:
+    from slmforge.config import load_config
+    from slmforge.train import train
+
+    overrides = list(args.set)
+    if args.data:
+        overrides.insert(0, f"data.path={args.data}")
+    cfg = load_config(args.config or args.preset, overrides)
+    train(cfg, args.out, resume=args.resume, fresh=args.fresh)
+
+
+def cmd_eval(args) -> None:
+    from slmforge.eval import evaluate_checkpoint
+
+    evaluate_checkpoint(args.run, data=args.data, max_batches=args.batches, seq_len=args.seq_len)
+
+
+def cmd_sample(args) -> None:
+    from slmforge.infer import SamplingParams, generate
+    from slmforge.train.checkpoint import load_checkpoint
+
+    model, _, tokenizer = load_checkpoint(args.run)
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+        temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
+    )
+    for prompt, completion in zip(args.prompt, generate(model, tokenizer, args.prompt, params)):
+        print(f"--- {prompt!r} ({completion.finish_reason})")
+        print(prompt + completion.text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slmforge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="parameters, FLOPs, KV-cache and memory of a preset, config file or run")
+    p.add_argument("target", help="preset name, config file, run folder or checkpoint folder")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--context", type=int, default=None, help="context length for FLOPs/KV figures")
+    p.set_defaults(func=cmd_info)
+
+    tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command", required=True)
+    p = tok.add_parser("train", help="train a byte-level BPE (or write the byte tokenizer)")
+    _add_sources(p)
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--max-chars", type=int, default=50_000_000, help="cap on training text, for speed")
+    p.add_argument("--byte", action="store_true", help="write the 258-token byte tokenizer instead")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_tokenizer_train)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("prepare", help="tokenize sources into train/val token shards")
+    _add_sources(p)
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json or a folder holding it")
+    p.add_argument("--out", required=True)
+    p.add_argument("--val-fraction", type=float, default=0.01)
+    p.add_argument("--max-tokens-per-source", type=int, default=None)
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser("train", help="train a model (also under torchrun for DDP)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--preset", help="a preset name (see `slmforge info`)")
+    which.add_argument("--config", help="a YAML/JSON config file")
+    p.add_argument("--data", help="a folder written by `slmforge data prepare` (sets data.path)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. model.n_layers=4")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--fresh", action="store_true", help="delete an existing run folder first")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a run or checkpoint")
+    p.add_argument("run")
+    p.add_argument("--data", help="prepared dataset (default: the one the run trained on)")
+    p.add_argument("--batches", type=int, default=None, help="validation batches (default: train.eval_batches)")
+    p.add_argument("--seq-len", type=int, default=None)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sample", help="generate text from a run or checkpoint")
+    p.add_argument("run")
+    p.add_argument("--prompt", action="append", required=True, help="repeatable: prompts decode together")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--min-new-tokens", type=int, default=0)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string, repeatable")
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"slmforge: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
