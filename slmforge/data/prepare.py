@@ -1,0 +1,229 @@
+"""Turn sources of documents into token shards on disk, streaming, so a corpus need not fit in memory.
+
+A prepared dataset is a folder:
+
+    meta.json                     format_version, dtype, vocab_size, eos_id, per-source counts and weights
+    tokenizer.json, tokenizer_config.json
+    <source>/train.bin, val.bin   raw token ids (uint16, or uint32 for vocabularies over 65,536)
+
+Each document's tokens are followed by one EOS. Sources stay separate on disk with their mixture
+weights recorded; the loader samples them by weight, so the mixture can change without re-tokenizing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from itertools import chain
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from tqdm import tqdm
+
+from slmforge.data.sources import Source, SourceStats, iter_documents
+
+if TYPE_CHECKING:  # the tokenizer package imports slmforge.data; a runtime import here would be circular
+    from slmforge.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+ENCODE_BATCH = 256  # documents per call to the (parallel) batch encoder
+ENCODE_CHARS = 1 << 22  # ... or fewer: a batch's token ids are Python ints (~36 bytes each) until written
+_RESERVED_NAMES = {"meta.json", "tokenizer.json", "tokenizer_config.json"}
+_COUNTS = ("documents", "train_tokens", "val_tokens", "bytes", "skipped_files", "skipped_lines")  # summed in "total"
+_GOLDEN = 0.6180339887498949  # frac(i * golden ratio) spreads the val documents evenly over a source
+
+
+def prepare_dataset(
+    sources: list[Source],
+    tokenizer: Tokenizer,
+    out_dir: str | Path,
+    val_fraction: float = 0.01,
+    max_tokens_per_source: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Tokenize `sources` into a dataset folder at `out_dir` and return its meta.json content.
+
+    The folder is written beside `out_dir` under a temporary name and renamed into place at the end, so
+    an interrupted run leaves no half dataset; an existing dataset at `out_dir` is replaced only on success.
+    `max_tokens_per_source` stops reading a source after the document that reaches it.
+    """
+    _check_arguments(sources, val_fraction, max_tokens_per_source)
+    out_dir = Path(out_dir)
+    _check_replaceable(out_dir)
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
+    partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        tokenizer.save(partial)
+        per_source = {}
+        for source in sources:
+            per_source[source.name] = _write_source(
+                source, tokenizer, partial / source.name, dtype, val_fraction, max_tokens_per_source, progress
+            )
+        _check_not_empty(sources, per_source)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "dtype": dtype.name,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+            "bos_id": tokenizer.bos_id,
+            "val_fraction": val_fraction,
+            "sources": per_source,
+            "total": {k: sum(m[k] for m in per_source.values()) for k in _COUNTS},
+        }
+        (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        _move_into_place(partial, out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if progress:
+        print(format_report(meta))
+    return meta
+
+
+def _check_arguments(sources: list[Source], val_fraction: float, max_tokens: int | None) -> None:
+    if not sources:
+        raise ValueError("prepare_dataset needs at least one source")
+    names = [s.name for s in sources]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"source names must be unique; repeated: {repeated}")
+    reserved = sorted(_RESERVED_NAMES.intersection(names))
+    if reserved:
+        raise ValueError(f"source names {reserved} clash with the dataset's own files; rename them")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if max_tokens is not None and max_tokens <= 0:
+        raise ValueError(f"max_tokens_per_source must be positive, got {max_tokens}")
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse to replace anything but a prepared dataset: out_dir is deleted once the new one is ready."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ValueError(f"output {out_dir} exists and is not a folder")
+    if any(out_dir.iterdir()) and not (out_dir / "meta.json").is_file():
+        raise ValueError(
+            f"output {out_dir} exists and is not a prepared dataset (no meta.json); refusing to replace it"
+        )
+
+
+def _is_val(index: int, fraction: float) -> bool:
+    """Whether document `index` of a source goes to val: an evenly spread, deterministic `fraction`.
+
+    Document 0 always trains (a one-document source keeps its text) and document 1 always validates
+    (any source of two or more documents has a val document), with no need to look ahead in the stream.
+    """
+    if fraction == 0 or index == 0:
+        return False
+    return index == 1 or (index * _GOLDEN) % 1.0 < fraction
+
+
+def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
+    """Lists of up to ENCODE_BATCH documents, cut early at ENCODE_CHARS so big files do not pile up."""
+    batch, chars = [], 0
+    for doc in documents:
+        batch.append(doc)
+        chars += len(doc)
+        if len(batch) == ENCODE_BATCH or chars >= ENCODE_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _write_source(
+    source: Source,
+    tokenizer: Tokenizer,
+    folder: Path,
+    dtype: np.dtype,
+    val_fraction: float,
+    max_tokens: int | None,
+    progress: bool,
+) -> dict:
+    """Tokenize one source into folder/train.bin and folder/val.bin; return its meta.json entry."""
+    folder.mkdir()
+    stats = SourceStats()
+    documents = nbytes = 0  # counted as written: the reader may have read ahead of a max_tokens stop
+    tokens = {"train": 0, "val": 0}
+    done = False
+    bar = tqdm(desc=f"{source.name:>12}", unit=" docs", disable=not progress)
+    with open(folder / "train.bin", "wb") as train_file, open(folder / "val.bin", "wb") as val_file:
+        files = {"train": train_file, "val": val_file}
+        for batch in _batches(iter_documents(source, stats)):
+            parts = {"train": [], "val": []}
+            for text, ids in zip(batch, tokenizer.encode_batch(batch)):
+                ids.append(tokenizer.eos_id)
+                split = "val" if _is_val(documents, val_fraction) else "train"
+                parts[split].append(ids)
+                tokens[split] += len(ids)
+                documents += 1
+                nbytes += len(text.encode("utf-8"))
+                done = max_tokens is not None and tokens["train"] + tokens["val"] >= max_tokens
+                if done:
+                    break
+            for split, file in files.items():
+                np.fromiter(chain.from_iterable(parts[split]), dtype=dtype).tofile(file)
+            bar.update(len(parts["train"]) + len(parts["val"]))
+            bar.set_postfix(tokens=f"{tokens['train'] + tokens['val']:,}")
+            if done:
+                break
+    bar.close()
+    return {
+        "paths": source.paths,
+        "fields": source.fields,
+        "weight": source.weight,
+        "documents": documents,
+        "train_tokens": tokens["train"],
+        "val_tokens": tokens["val"],
+        "bytes": nbytes,
+        "skipped_files": stats.skipped_files,
+        "skipped_lines": stats.skipped_lines,
+        "skip_reasons": dict(stats.reasons),
+        "skip_examples": stats.examples,
+    }
+
+
+def _check_not_empty(sources: list[Source], per_source: dict) -> None:
+    empty = [s for s in sources if per_source[s.name]["documents"] == 0]
+    if not empty:
+        return
+    details = "; ".join(
+        f"{s.name!r} ({s.paths}, fields {s.fields}): skipped {per_source[s.name]['skip_reasons'] or 'nothing'}"
+        for s in empty
+    )
+    what = "the corpus is empty" if len(empty) == len(sources) else "some sources gave no documents"
+    raise ValueError(f"{what}: {details}")
+
+
+def _move_into_place(partial: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        out_dir.rename(old)
+        partial.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        partial.rename(out_dir)
+
+
+def format_report(meta: dict) -> str:
+    """A table of tokens per source: share of all tokens, mixture weight, bytes per token and skips."""
+    total_weight = sum(m["weight"] for m in meta["sources"].values()) or 1.0
+    total_tokens = meta["total"]["train_tokens"] + meta["total"]["val_tokens"]
+    header = (
+        f"{'source':<16}{'documents':>11}{'train tok':>14}{'val tok':>12}{'share':>8}{'weight':>8}{'B/tok':>7}  skipped"
+    )
+    rows = [header, "-" * len(header)]
+    for name, m in [*meta["sources"].items(), ("total", meta["total"] | {"weight": total_weight})]:
+        tokens = m["train_tokens"] + m["val_tokens"]
+        rows.append(
+            f"{name:<16}{m['documents']:>11,}{m['train_tokens']:>14,}{m['val_tokens']:>12,}"
+            f"{tokens / total_tokens:>8.1%}{m['weight'] / total_weight:>8.1%}{m['bytes'] / max(tokens, 1):>7.2f}"
+            f"  {m['skipped_files']:,} files, {m['skipped_lines']:,} lines"
+        )
+    return "\n".join(rows)

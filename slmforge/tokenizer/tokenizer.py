@@ -1,0 +1,119 @@
+"""The Tokenizer every other module sees: a thin wrapper over a Hugging Face `tokenizers.Tokenizer`.
+
+A tokenizer is a file: `tokenizer.json` (HF tokenizers format) plus `tokenizer_config.json`, so that
+`transformers.AutoTokenizer.from_pretrained(folder)` loads the same ids with the same bos/eos/pad tokens.
+Both the trained BPE and the byte tokenizer are byte-level: every token stands for a whole number of
+bytes, which is what `token_byte_lengths` (bits-per-byte) relies on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+from tokenizers import pre_tokenizers
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+CHAT_MARKERS = ["<|im_start|>", "<|im_end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+# Ids 0..7 of every trained BPE, in this order; the chat markers are reserved now so that chat
+# fine-tuning later needs no new embedding rows.
+SPECIAL_TOKENS = [BOS, EOS, PAD, *CHAT_MARKERS]
+
+_BYTE_CHARS = frozenset(pre_tokenizers.ByteLevel.alphabet())  # GPT-2's printable stand-ins for bytes
+
+
+class Tokenizer:
+    """Encode/decode text; wraps `hf`, a `tokenizers.Tokenizer` that has `<|bos|>` and `<|eos|>` tokens."""
+
+    def __init__(self, hf: tokenizers.Tokenizer):
+        self.hf = hf
+        # Text is data: a literal "<|eos|>" inside a document is encoded as its characters, so any text
+        # round-trips and special ids appear only where asked for (bos/eos, chat code). This flag is not
+        # saved in tokenizer.json: transformers maps such literals to the special ids (as chat templates want).
+        hf.encode_special_tokens = True
+        self.special_tokens = {t.content: i for i, t in sorted(hf.get_added_tokens_decoder().items()) if t.special}
+        for name in (BOS, EOS):
+            if name not in self.special_tokens:
+                raise ValueError(f"tokenizer has no special token {name}; specials: {list(self.special_tokens)}")
+        self.bos_id = self.special_tokens[BOS]
+        self.eos_id = self.special_tokens[EOS]
+        self.pad_id = self.special_tokens.get(PAD, self.eos_id)  # the byte tokenizer pads with eos
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, special tokens included."""
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of `text`, optionally framed by bos/eos."""
+        ids = self.hf.encode(text, add_special_tokens=False).ids
+        if bos:
+            ids.insert(0, self.bos_id)
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of many texts at once (the Rust encoder runs them in parallel)."""
+        # encode_batch_fast (tokenizers >= 0.20) skips the character offsets, which we never use.
+        encode = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        """Text of `ids` (a list, array or tensor); special tokens are dropped unless `skip_special` is False."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        return self.hf.decode(ids, skip_special_tokens=skip_special)
+
+    def token_byte_lengths(self) -> np.ndarray:
+        """int32 [vocab_size]: UTF-8 bytes each token id stands for (0 for special tokens), for bits-per-byte."""
+        lengths = np.zeros(self.vocab_size, dtype=np.int32)
+        specials = set(self.special_tokens.values())
+        for i in range(self.vocab_size):
+            if i in specials:
+                continue
+            token = self.hf.id_to_token(i)
+            # Byte-level tokens spell one byte per character; anything else would make bpb wrong.
+            if token is None or not _BYTE_CHARS.issuperset(token):
+                raise ValueError(f"token id {i} ({token!r}) is not a byte-level token; bits-per-byte needs one")
+            lengths[i] = len(token)
+        return lengths
+
+    def save(self, directory: str | Path) -> None:
+        """Write `directory/tokenizer.json` and a `tokenizer_config.json` that transformers understands."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.hf.save(str(directory / "tokenizer.json"))
+        named = {self.bos_id, self.eos_id, self.pad_id}
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.hf.id_to_token(self.bos_id),
+            "eos_token": self.hf.id_to_token(self.eos_id),
+            "pad_token": self.hf.id_to_token(self.pad_id),
+            "additional_special_tokens": [t for t, i in self.special_tokens.items() if i not in named],
+            # Our encode() adds nothing and decode() changes no spaces; transformers must do the same.
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+        }
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id})"
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer.json, or a folder holding one (a tokenizer, dataset, run or checkpoint folder)."""
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no tokenizer at {path}: expected a tokenizer.json file or a folder containing one")
+    try:
+        hf = tokenizers.Tokenizer.from_file(str(file))
+    except Exception as e:  # the Rust loader raises a bare Exception for any parse error
+        raise ValueError(f"{file} is not a valid tokenizer.json: {e}") from e
+    try:
+        return Tokenizer(hf)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from e
