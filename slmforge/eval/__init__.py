@@ -1,0 +1,37 @@
+"""`slmforge eval`: validation loss, perplexity and bits per byte of a checkpoint."""
+
+from __future__ import annotations
+
+import torch
+
+from slmforge.data.loader import TokenDataset, val_batches
+from slmforge.train.checkpoint import load_checkpoint, resolve_checkpoint
+from slmforge.train.evaluate import evaluate
+from slmforge.train.precision import autocast, choose_dtype
+
+
+def evaluate_checkpoint(path, data: str | None = None, max_batches: int | None = None,
+                        seq_len: int | None = None, quiet: bool = False) -> dict:
+    """Evaluate the checkpoint at `path` (or a run's latest) on the val split of `data` (default: its own)."""
+    checkpoint = resolve_checkpoint(path)
+    model, cfg, tokenizer = load_checkpoint(checkpoint)
+    phase = cfg.run_phases()[-1]
+    data = data or phase.data.path
+    if not data:
+        raise ValueError(f"{checkpoint} names no dataset (data.path); pass --data")
+    dataset = TokenDataset(data)
+    if dataset.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"{data} was tokenized with {dataset.vocab_size} tokens, the model's tokenizer has "
+                         f"{tokenizer.vocab_size}: prepare it with this run's tokenizer")
+    seq_len = seq_len or phase.data.seq_len
+    batches = val_batches(dataset, seq_len, phase.data.batch_size, max_batches or cfg.train.eval_batches,
+                          weights=phase.data.weights or None)
+    device = torch.device("cpu")
+    dtype, _ = choose_dtype(cfg.train.dtype, device)
+    result = evaluate(model, batches, tokenizer.token_byte_lengths(), autocast(device, dtype))
+    result.update(checkpoint=str(checkpoint), data=str(data), tokens=sum(y.numel() for _, y in batches))
+    if not quiet:
+        print(f"{checkpoint}: {result['tokens']:,} val tokens of {data}")
+        print(f"  val loss {result['loss']:.4f} nats/token | perplexity {result['ppl']:.2f} | "
+              f"bits per byte {result['bpb']:.4f}")
+    return result

@@ -1,0 +1,53 @@
+"""Held-out loss, perplexity and bits per byte.
+
+Bits per byte (sum of cross-entropy nats / (ln 2 · sum of UTF-8 bytes of the target tokens)) does not
+depend on the tokenizer, so models with different vocabularies can be compared on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def eval_sums(model, batches, token_byte_lengths, autocast_ctx=None) -> torch.Tensor:
+    """float64 [3]: (sum of CE nats, target tokens, target bytes) over `batches` of (x, y).
+
+    Sums, not means, so processes of a distributed run can add theirs before dividing.
+    """
+    device = next(model.parameters()).device
+    byte_lengths = torch.as_tensor(token_byte_lengths, dtype=torch.float64, device=device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast_ctx or contextlib.nullcontext():
+            logits, _ = model(x)
+        nats = F.cross_entropy(logits.float().flatten(0, -2), y.reshape(-1), reduction="sum")
+        sums[0] += nats.double()
+        sums[1] += y.numel()
+        sums[2] += byte_lengths[y].sum()
+    model.train(was_training)
+    return sums
+
+
+def figures(sums: torch.Tensor) -> dict:
+    """loss (nats per token), ppl and bpb from `eval_sums`."""
+    nats, tokens, n_bytes = sums.tolist()
+    loss = nats / tokens
+    bpb = nats / (math.log(2) * n_bytes) if n_bytes else float("nan")  # only special tokens: no bytes
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "bpb": bpb}
+
+
+def evaluate(model, batches, token_byte_lengths, autocast_ctx=None) -> dict:
+    """dict(loss, ppl, bpb) of `model` on `batches` [(x, y), ...].
+
+    token_byte_lengths: bytes per token id (`Tokenizer.token_byte_lengths()`); autocast_ctx: a reusable
+    context entered around each forward pass (`precision.autocast(device, dtype)`), None for none.
+    """
+    return figures(eval_sums(model, batches, token_byte_lengths, autocast_ctx))

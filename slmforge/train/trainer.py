@@ -1,0 +1,375 @@
+"""The training loop: phases of optimizer steps with evaluation, checkpoints, guards and exact resume.
+
+A run folder:
+
+    RUN/
+      config.json            the resolved RunConfig of the latest session
+      metrics.jsonl          one JSON line per optimizer step and per evaluation (fields below)
+      report.json            what train() returned
+      <phase>/step_N/        checkpoints after N steps of a phase (layout in checkpoint.py); a run without
+                             `phases` has the single phase "main", so its checkpoints are RUN/main/step_N
+
+Phase k > 0 starts from phase k-1's final weights and optimizer state, with its own data, optimizer
+hyperparameters and schedule; its step counter (and schedule) restart at 0, tokens keep counting.
+
+metrics.jsonl, training lines: step (steps done in the phase), phase, loss (the total), ce_loss, z_loss,
+any model aux losses, lr {group name: lr}, grad_norm (before clipping), tokens (seen so far, all
+processes), tokens_per_s, dt, skipped; plus min_singular_ratio / rank_warnings on rank checks.
+Evaluation lines: step, phase, tokens, val_loss, val_ppl, val_bpb.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from slmforge.config import ConfigError, PhaseConfig, RunConfig, check_vocab
+from slmforge.data.loader import TokenDataset, TrainBatches, val_batches
+from slmforge.model import Transformer
+from slmforge.optim import (build_optimizers, load_optimizer_state, lr_factor, optimizer_state_tensors,
+                            param_groups_summary, set_lr, smallest_singular_ratios)
+from slmforge.tokenizer import Tokenizer, load_tokenizer
+from slmforge.train import distributed
+from slmforge.train.checkpoint import (CheckpointError, latest_checkpoint, load_weights, read_config,
+                                       read_trainer_state, restore_rng, save_checkpoint)
+from slmforge.train.evaluate import eval_sums, figures
+from slmforge.train.loss import lm_loss
+from slmforge.train.metrics import MetricsLog, json_safe, log, truncate_metrics
+from slmforge.train.precision import autocast, choose_dtype
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (repeated non-finite steps, an occupied run folder)."""
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in each checkpoint's state.json."""
+
+    phase_index: int = 0
+    step: int = 0  # optimizer steps done in the current phase; also the data position (the loader is stateless)
+    tokens: int = 0
+    consecutive_skips: int = 0
+    skipped_steps: int = 0
+    best_val_loss: float | None = None
+    last_val_loss: float | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# checks that run before any tensor exists
+
+
+def _phase_key(cfg: RunConfig, i: int, key: str) -> str:
+    return f"phases.{i}.{key}" if cfg.phases else key
+
+
+def open_data(cfg: RunConfig) -> tuple[list[TokenDataset], Tokenizer]:
+    """Each phase's dataset and the tokenizer they share, checked against the model's vocabulary."""
+    datasets, tokenizer = [], None
+    for i, phase in enumerate(cfg.run_phases()):
+        key = _phase_key(cfg, i, "data.path")
+        if not phase.data.path:
+            raise ConfigError(f"{key} is not set: pass --data DIR (a folder written by `slmforge data prepare`)")
+        if not Path(phase.data.path).is_dir():
+            raise ConfigError(f"{key}={phase.data.path}: no such folder (prepare one with `slmforge data prepare`)")
+        datasets.append(TokenDataset(phase.data.path))
+        phase_tokenizer = load_tokenizer(phase.data.path)
+        check_vocab(cfg.model, phase_tokenizer.vocab_size, f"the tokenizer of {key}={phase.data.path}")
+        if tokenizer is not None and phase_tokenizer.hf.to_str() != tokenizer.hf.to_str():
+            raise ConfigError(f"{key}={phase.data.path} was tokenized with a different tokenizer than phase 0's data")
+        tokenizer = tokenizer or phase_tokenizer
+    return datasets, tokenizer
+
+
+def check_run_dir(out: Path, resume: bool, fresh: bool) -> None:
+    if resume and fresh:
+        raise TrainingError("--resume and --fresh contradict each other: pass one of them")
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (resume or fresh):
+        raise TrainingError(f"run folder {out} is not empty: pass --resume to continue it or --fresh to delete it")
+
+
+def prepare_run_dir(out: Path, fresh: bool, d: distributed.Dist) -> None:
+    if d.is_main:
+        if fresh and out.is_dir():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    distributed.barrier(d)  # nobody touches the folder before rank 0 has cleared and made it
+
+
+# ----------------------------------------------------------------------------------------------
+# the trainer
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, out: Path, d: distributed.Dist, datasets: list, tokenizer: Tokenizer):
+        self.cfg, self.out, self.d = cfg, out, d
+        self.phases = cfg.run_phases()
+        self.datasets, self.tokenizer = datasets, tokenizer
+        self.dtype, self.dtype_reason = choose_dtype(cfg.train.dtype, d.device)
+        self.autocast = autocast(d.device, self.dtype)
+        torch.manual_seed(cfg.train.seed)  # same initial weights on every rank and every run
+        self.model = Transformer(cfg.model).to(d.device)
+        self.ddp = distributed.wrap(self.model, d)
+        self.train_model = torch.compile(self.ddp) if cfg.train.compile else self.ddp
+        self.byte_lengths = tokenizer.token_byte_lengths()
+        self.metrics = MetricsLog(out / "metrics.jsonl", d.is_main)
+        self.progress = Progress()
+        self.phase_reports: list[dict] = []
+
+    def log(self, message: str) -> None:
+        log(message, self.d.is_main)
+
+    # --- resume ---
+
+    def restore(self, checkpoint: Path) -> tuple[dict, dict]:
+        """Load weights, progress and RNG from `checkpoint`; return its optimizer state (tensors, meta)."""
+        saved = read_config(checkpoint)
+        if saved.model != self.cfg.model:
+            ours = dataclasses.asdict(self.cfg.model)
+            diffs = [f"model.{k}: checkpoint {v!r}, config {ours[k]!r}"
+                     for k, v in dataclasses.asdict(saved.model).items() if ours[k] != v]
+            raise ConfigError(f"cannot resume from {checkpoint}: the model config differs ({'; '.join(diffs)})")
+        state, optimizer_tensors, rng = read_trainer_state(checkpoint)
+        index = state["phase_index"]
+        if index >= len(self.phases) or self.phases[index].name != state["phase"]:
+            names = [p.name for p in self.phases]
+            raise ConfigError(
+                f"cannot resume from {checkpoint}: its phase '{state['phase']}' is not phase {index} of {names}"
+            )
+        load_weights(self.model, load_file(checkpoint / "model.safetensors"), str(checkpoint))
+        restore_rng(rng)
+        fields = {f.name for f in dataclasses.fields(Progress)}
+        self.progress = Progress(**{k: v for k, v in state.items() if k in fields})
+        if self.d.is_main:  # drop the lines of steps after the checkpoint: they are about to be redone
+            order = {p.name: i for i, p in enumerate(self.phases)}
+            at = (index, self.progress.step)
+            truncate_metrics(self.metrics.path, lambda line: (order.get(line.get("phase"), -1), line["step"]) <= at)
+        if self.progress.step >= self.phases[index].steps:  # the checkpoint ends its phase: start the next
+            self.progress.phase_index, self.progress.step = index + 1, 0
+        self.log(f"resuming from {checkpoint} ({self.progress.tokens:,} tokens seen)")
+        return optimizer_tensors, state["optimizer"]
+
+    def build_optimizers(self, phase: PhaseConfig, state: tuple[dict, dict] | None) -> list:
+        """The phase's optimizers, with moments and step counts from `state` (a checkpoint or the previous
+        phase) but hyperparameters (lr, betas, weight decay) from the phase's own config."""
+        optimizers = build_optimizers(self.model, phase.optim)
+        if state is None:
+            return optimizers
+        configured = [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups] for o in optimizers]
+        try:
+            load_optimizer_state(optimizers, *state)
+        except ValueError as e:
+            if self.progress.step > 0:  # resuming inside a phase: the state must fit
+                raise CheckpointError(f"the checkpoint's optimizer state does not fit phase '{phase.name}': {e}") from e
+            self.log(f"phase {phase.name}: optimizer layout changed ({e}); its optimizer state starts fresh")
+            return build_optimizers(self.model, phase.optim)
+        for opt, groups in zip(optimizers, configured):
+            for group, hyper in zip(opt.param_groups, groups):
+                group.update(hyper)
+        return optimizers
+
+    # --- one optimizer step ---
+
+    def train_step(self, phase: PhaseConfig, optimizers: list, batches: TrainBatches, step: int) -> dict:
+        set_lr(optimizers, lr_factor(step, phase.steps, phase.schedule))
+        accum = self.cfg.train.grad_accum
+        totals: dict[str, torch.Tensor] = {}
+        for micro in range(accum):
+            x, y = (t.to(self.d.device, non_blocking=True) for t in batches.get(step, micro))
+            with distributed.grad_sync(self.ddp, sync=micro == accum - 1):
+                with self.autocast:
+                    logits, aux = self.train_model(x)
+                loss, parts = lm_loss(logits, y, aux, self.cfg.train.z_loss)
+                (loss / accum).backward()
+            for name, value in {"loss": loss.detach(), **parts}.items():
+                totals[name] = totals.get(name, 0) + value / accum
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        losses = distributed.all_reduce_mean(torch.stack(list(totals.values())).float(), self.d).tolist()
+        record = dict(zip(totals, losses))
+        record["grad_norm"] = grad_norm.item()
+        record["skipped"] = not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]))
+        if not record["skipped"]:
+            if phase.optim.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, phase.optim.grad_clip, grad_norm)
+            for opt in optimizers:
+                opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        record["lr"] = {g["name"]: g["lr"] for opt in optimizers for g in opt.param_groups}
+        return record
+
+    def check_skips(self, record: dict, phase: PhaseConfig, step: int) -> None:
+        p, limit = self.progress, self.cfg.train.max_bad_steps
+        if not record["skipped"]:
+            p.consecutive_skips = 0
+            return
+        p.consecutive_skips += 1
+        p.skipped_steps += 1
+        self.log(f"{phase.name} step {step}: non-finite loss {record['loss']} or grad norm {record['grad_norm']}; "
+                 f"optimizer step skipped ({p.consecutive_skips} in a row, limit train.max_bad_steps={limit})")
+        if p.consecutive_skips >= limit:
+            optim = _phase_key(self.cfg, p.phase_index, "optim")
+            raise TrainingError(
+                f"training stopped: {p.consecutive_skips} optimizer steps in a row had a non-finite loss or gradient "
+                f"norm (phase '{phase.name}', step {step}). Try a lower learning rate ({optim}.lr / {optim}.muon_lr), "
+                f"a longer warmup (schedule.warmup_steps), gradient clipping ({optim}.grad_clip=1.0), "
+                f"train.dtype=fp32 or a larger train.z_loss; then start again with --fresh, or --resume from the "
+                f"last checkpoint."
+            )
+
+    def rank_check(self, record: dict, optimizers: list) -> None:
+        """The rank-collapse sentinel: Muon matrices whose sigma_min / sigma_max fell below rank_warn_ratio."""
+        ratios = smallest_singular_ratios(optimizers)
+        if not ratios:
+            return
+        record["min_singular_ratio"] = min(ratios.values())
+        low = {name: r for name, r in ratios.items() if r < self.cfg.train.rank_warn_ratio}
+        if low:
+            record["rank_warnings"] = low
+            self.log(f"rank warning: {len(low)} matrices below sigma_min/sigma_max={self.cfg.train.rank_warn_ratio}: "
+                     + ", ".join(f"{n}={r:.2e}" for n, r in sorted(low.items(), key=lambda kv: kv[1])[:5]))
+
+    # --- evaluation and checkpoints ---
+
+    def local_val_batches(self, phase: PhaseConfig, dataset) -> list:
+        """This rank's rows of the validation set: batches of the global batch size, split like training
+        batches, so the val figures do not depend on the number of processes."""
+        b, rank = phase.data.batch_size, self.d.rank
+        val = val_batches(dataset, phase.data.seq_len, b * self.d.world_size, self.cfg.train.eval_batches,
+                          phase.data.weights or None)
+        return [(x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b]) for x, y in val if len(x) > rank * b]
+
+    def evaluate(self, phase: PhaseConfig, val: list) -> dict:
+        """Validation figures over all ranks, each evaluating its rows of the validation set."""
+        sums = eval_sums(self.model, val, self.byte_lengths, self.autocast)
+        result = figures(distributed.all_reduce_sum(sums, self.d))
+        p = self.progress
+        p.last_val_loss = result["loss"]
+        p.best_val_loss = min(p.best_val_loss if p.best_val_loss is not None else math.inf, result["loss"])
+        self.metrics.write(step=p.step, phase=phase.name, tokens=p.tokens, val_loss=result["loss"],
+                           val_ppl=result["ppl"], val_bpb=result["bpb"])
+        return result
+
+    def save(self, phase: PhaseConfig, optimizers: list) -> Path:
+        folder = self.out / phase.name / f"step_{self.progress.step}"
+        if self.d.is_main:
+            tensors, meta = optimizer_state_tensors(optimizers)
+            state = {**dataclasses.asdict(self.progress), "phase": phase.name, "phase_steps": phase.steps,
+                     "data_position": self.progress.step, "world_size": self.d.world_size, "optimizer": meta}
+            save_checkpoint(folder, cfg=self.cfg, model_state=self.model.state_dict(), tokenizer=self.tokenizer,
+                            optimizer_tensors=tensors, state=state, keep_last=self.cfg.train.keep_last)
+        distributed.barrier(self.d)  # no rank runs ahead of a checkpoint still being written
+        return folder
+
+    # --- phases ---
+
+    def run_phase(self, index: int, optimizer_state: tuple[dict, dict] | None) -> tuple[dict, dict]:
+        """Train phase `index` from self.progress.step to its end; return its final optimizer state."""
+        phase, dataset, t, d = self.phases[index], self.datasets[index], self.cfg.train, self.d
+        optimizers = self.build_optimizers(phase, optimizer_state)
+        groups = [f"{g['group']} ({g['params']:,} params, lr {g['lr']:g})" for g in param_groups_summary(optimizers)]
+        self.log(f"phase {phase.name}: {phase.steps} steps on {phase.data.path}; optimizer groups: {', '.join(groups)}")
+        # a phase seed of its own, so a phase on the same data does not replay the previous phase's rows
+        batches = TrainBatches(dataset, phase.data.seq_len, phase.data.batch_size, seed=t.seed + index,
+                               rank=d.rank, world_size=d.world_size, weights=phase.data.weights or None)
+        val = self.local_val_batches(phase, dataset)
+        tokens_per_step = t.grad_accum * phase.data.batch_size * phase.data.seq_len * d.world_size
+        bar = tqdm(total=phase.steps, initial=self.progress.step, desc=phase.name, unit="step",
+                   disable=not d.is_main, dynamic_ncols=True)
+        record, result = {}, {}
+        for step in range(self.progress.step, phase.steps):
+            t0 = time.perf_counter()
+            record = {"step": step + 1, "phase": phase.name, **self.train_step(phase, optimizers, batches, step)}
+            dt = time.perf_counter() - t0
+            self.progress.step = done = step + 1
+            self.progress.tokens += tokens_per_step
+            record.update(tokens=self.progress.tokens, tokens_per_s=tokens_per_step / dt, dt=dt)
+            if t.rank_check_every and done % t.rank_check_every == 0 and d.is_main:
+                self.rank_check(record, optimizers)
+            self.metrics.write(**record)
+            self.check_skips(record, phase, done)
+            bar.update()
+            if done % t.log_every == 0:
+                lr = next(iter(record["lr"].values()))
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}")
+            last = done == phase.steps
+            if done % t.eval_every == 0 or last:
+                result = self.evaluate(phase, val)
+                self.log(f"{phase.name} step {done}: val_loss {result['loss']:.4f}, val_bpb {result['bpb']:.4f}")
+            if done % t.save_every == 0 or last:
+                self.save(phase, optimizers)
+        bar.close()
+        self.phase_reports.append({"name": phase.name, "steps": phase.steps, "final_loss": record.get("loss"),
+                                   "val_loss": result.get("loss"), "val_bpb": result.get("bpb"),
+                                   "checkpoint": str(self.out / phase.name / f"step_{phase.steps}")})
+        return optimizer_state_tensors(optimizers)
+
+    def run(self, resume: bool) -> dict:
+        start = time.perf_counter()
+        optimizer_state = None
+        checkpoint = latest_checkpoint(self.out) if resume else None
+        if checkpoint is not None:
+            optimizer_state = self.restore(checkpoint)
+        elif resume:
+            self.log(f"--resume: no checkpoint in {self.out}, starting from scratch")
+            if self.d.is_main:
+                truncate_metrics(self.metrics.path, lambda line: False)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.log(f"{n_params:,} parameters on {self.d.device} x{self.d.world_size}; {self.dtype_reason}")
+        if self.d.is_main:
+            self.cfg.save(self.out / "config.json")
+        for index in range(self.progress.phase_index, len(self.phases)):
+            if index > self.progress.phase_index:
+                self.progress.phase_index, self.progress.step = index, 0
+            optimizer_state = self.run_phase(index, optimizer_state)
+        last = self.phases[-1]
+        report = {
+            "run_dir": str(self.out),
+            "checkpoint": str(self.out / last.name / f"step_{last.steps}"),
+            "phases": self.phase_reports,
+            "tokens": self.progress.tokens,
+            "skipped_steps": self.progress.skipped_steps,
+            "best_val_loss": self.progress.best_val_loss,
+            "parameters": n_params,
+            "device": str(self.d.device),
+            "world_size": self.d.world_size,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype_reason": self.dtype_reason,
+            "elapsed_s": time.perf_counter() - start,
+        }
+        if self.d.is_main:
+            (self.out / "report.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
+        return report
+
+
+def train(cfg: RunConfig, out_dir, resume: bool = False, fresh: bool = False) -> dict:
+    """Train `cfg` into run folder `out_dir`; return the final report (also written to RUN/report.json).
+
+    resume: continue from the run's latest checkpoint (exactly: same losses as an uninterrupted run);
+    fresh: delete a non-empty `out_dir` first. Under torchrun (WORLD_SIZE > 1) this is data parallel.
+    """
+    out = Path(out_dir)
+    check_run_dir(out, resume, fresh)
+    datasets, tokenizer = open_data(cfg)
+    d = distributed.setup()
+    try:
+        prepare_run_dir(out, fresh, d)
+        trainer = Trainer(cfg, out, d, datasets, tokenizer)
+        try:
+            return trainer.run(resume)
+        finally:
+            trainer.metrics.close()
+    finally:
+        distributed.teardown(d)

@@ -1,0 +1,75 @@
+"""Data parallelism: 2 processes with batch B train exactly like 1 process with batch 2B (CPU, gloo)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from slmforge.config import load_config
+from slmforge.data.prepare import prepare_dataset
+from slmforge.data.sources import Source
+from slmforge.tokenizer import byte_tokenizer
+from slmforge.train import train
+
+WORKER = """
+import sys, torch
+from slmforge.config import load_config
+from slmforge.train import train
+torch.set_num_threads(1)
+train(load_config(sys.argv[1]), sys.argv[2])
+"""
+
+
+def _config(tmp: Path, data: Path, batch_size: int) -> Path:
+    raw = {"base": "tiny", "data": {"path": str(data), "batch_size": batch_size},
+           # grad_accum=2 exercises DDP's no_sync on the first micro-step
+           "train": {"steps": 4, "grad_accum": 2, "eval_every": 2, "save_every": 4}}
+    path = tmp / f"b{batch_size}.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def _lines(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_twice_the_batch(tmp_path):
+    (tmp_path / "src").mkdir()
+    for d in range(12):
+        (tmp_path / "src" / f"doc{d}.txt").write_text(" ".join(f"word{(d * 5 + i * i) % 17}" for i in range(80)))
+    data = tmp_path / "data"
+    prepare_dataset([Source("text", str(tmp_path / "src"))], byte_tokenizer(), data, 0.25, progress=False)
+
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(tmp_path / "worker.py"), str(_config(tmp_path, data, 2)), str(tmp_path / "ddp")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = train(load_config(str(_config(tmp_path, data, 4))), tmp_path / "single")
+    finally:
+        torch.set_num_threads(threads)
+
+    ddp, one = _lines(tmp_path / "ddp"), _lines(tmp_path / "single")
+    assert [(l["step"], "val_loss" in l) for l in ddp] == [(l["step"], "val_loss" in l) for l in one]
+    for a, b in zip(ddp, one):
+        for key in ("loss", "ce_loss", "z_loss", "grad_norm", "val_loss", "val_bpb"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a, b)
+        assert a["tokens"] == b["tokens"]  # tokens count all processes
+    report = json.loads((tmp_path / "ddp" / "report.json").read_text())
+    assert report["world_size"] == 2 and single["world_size"] == 1
+    weights_ddp = load_file(tmp_path / "ddp" / "main" / "step_4" / "model.safetensors")
+    weights_one = load_file(tmp_path / "single" / "main" / "step_4" / "model.safetensors")
+    for name, tensor in weights_one.items():
+        torch.testing.assert_close(weights_ddp[name], tensor, atol=1e-5, rtol=0)
