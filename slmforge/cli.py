@@ -155,9 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from slmforge.train.checkpoint import CheckpointError
+    from slmforge.train.trainer import TrainingError
+
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, CheckpointError, TrainingError, FileNotFoundError, ValueError) as e:
         print(f"slmforge: error: {e}", file=sys.stderr)
         return 2
     return 0

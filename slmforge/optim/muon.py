@@ -14,25 +14,18 @@ same update. State is one plain tensor per parameter ("momentum_buffer").
 from __future__ import annotations
 
 import math
-from functools import cache
 
 import torch
+
+from slmforge.hardware import cpu_has_fast_bf16
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
 
 
-@cache
-def _cpu_has_fast_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # builds without oneDNN
-        return False
-
-
 def default_ns_dtype(device: torch.device) -> torch.dtype:
     """bf16 where its matmuls are fast; fp32 otherwise (bf16 is ~100x slower on CPUs without BF16 units)."""
-    if device.type == "cuda" or (device.type == "cpu" and _cpu_has_fast_bf16()):
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()):
         return torch.bfloat16
     return torch.float32
 
