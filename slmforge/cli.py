@@ -67,7 +67,11 @@ def cmd_train(args) -> None:
     if args.data:
         overrides.insert(0, f"data.path={args.data}")
     cfg = load_config(args.config or args.preset, overrides)
-    train(cfg, args.out, resume=args.resume, fresh=args.fresh)
+    report = train(cfg, args.out, resume=args.resume, fresh=args.fresh)
+    for phase in report["phases"]:
+        start = f"{phase['start_val_loss']:.4f} -> " if phase.get("start_val_loss") is not None else ""
+        print(f"phase {phase['name']}: val loss {start}{phase['val_loss']:.4f} (bits per byte {phase['val_bpb']:.4f})")
+    print(f"{report['tokens']:,} tokens in {report['elapsed_s']:.0f} s; checkpoint {report['checkpoint']}")
 
 
 def cmd_eval(args) -> None:

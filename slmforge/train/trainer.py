@@ -288,7 +288,10 @@ class Trainer:
         tokens_per_step = t.grad_accum * phase.data.batch_size * phase.data.seq_len * d.world_size
         bar = tqdm(total=phase.steps, initial=self.progress.step, desc=phase.name, unit="step",
                    disable=not d.is_main, dynamic_ncols=True)
-        record, result = {}, {}
+        record, result, start_val = {}, {}, None
+        if self.progress.step == 0:  # the starting point, so a run shows how far its loss fell
+            start_val = self.evaluate(phase, val)["loss"]
+            self.log(f"{phase.name} step 0: val_loss {start_val:.4f}")
         for step in range(self.progress.step, phase.steps):
             t0 = time.perf_counter()
             record = {"step": step + 1, "phase": phase.name, **self.train_step(phase, optimizers, batches, step)}
@@ -312,7 +315,7 @@ class Trainer:
                 self.save(phase, optimizers)
         bar.close()
         self.phase_reports.append({"name": phase.name, "steps": phase.steps, "final_loss": record.get("loss"),
-                                   "val_loss": result.get("loss"), "val_bpb": result.get("bpb"),
+                                   "start_val_loss": start_val, "val_loss": result.get("loss"), "val_bpb": result.get("bpb"),
                                    "checkpoint": str(self.out / phase.name / f"step_{phase.steps}")})
         return optimizer_state_tensors(optimizers)
 
