@@ -22,15 +22,6 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy machine the syncs cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model(overrides: list[str], seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
     return Transformer(load_config("tiny", BASE + overrides).model).eval()

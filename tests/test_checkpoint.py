@@ -17,15 +17,6 @@ from slmforge.train import CheckpointError, load_checkpoint, train
 from slmforge.train.checkpoint import load_weights, save_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models are fastest on one thread; on a busy 2-core machine two threads can be 10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("data")

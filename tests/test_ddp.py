@@ -53,12 +53,7 @@ def test_two_processes_match_one_with_twice_the_batch(tmp_path):
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        single = train(load_config(str(_config(tmp_path, data, 4))), tmp_path / "single")
-    finally:
-        torch.set_num_threads(threads)
+    single = train(load_config(str(_config(tmp_path, data, 4))), tmp_path / "single")
 
     ddp, one = _lines(tmp_path / "ddp"), _lines(tmp_path / "single")
     assert [(l["step"], "val_loss" in l) for l in ddp] == [(l["step"], "val_loss" in l) for l in one]

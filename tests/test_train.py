@@ -22,15 +22,6 @@ from slmforge.train.trainer import Trainer
 WORDS = "the a quick brown fox dog jumps over lazy river stone light green small tall tree".split()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models are fastest on one thread; on a busy 2-core machine two threads can be 10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_dataset(folder: Path, texts: list[str], val_fraction: float = 0.25) -> Path:
     """A prepared byte-tokenizer dataset with one document per text."""
     src = folder / "src"
@@ -225,7 +216,6 @@ def _two_phases(data: Path, cfg_dir: Path):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, data) -> Path:
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    torch.set_num_threads(1)
     train(_two_phases(data, tmp), tmp / "run")
     return tmp / "run"
 
