@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from slmforge.config import ConfigError
+from slmforge.hardware import keep_freed_memory
 
 
 def _add_sources(p: argparse.ArgumentParser) -> None:
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     from slmforge.train.checkpoint import CheckpointError
     from slmforge.train.trainer import TrainingError
 
