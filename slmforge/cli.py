@@ -66,7 +66,7 @@ def cmd_train(args) -> None:
 
     overrides = list(args.set)
     if args.data:
-        overrides.insert(0, f"data.path={args.data}")
+        overrides.insert(0, f"data.path={Path(args.data).resolve()}")  # eval/sample may run elsewhere
     cfg = load_config(args.config or args.preset, overrides)
     report = train(cfg, args.out, resume=args.resume, fresh=args.fresh)
     for phase in report["phases"]:
