@@ -1,5 +1,11 @@
 """Grouped-query attention (MHA / GQA / MQA through n_kv_heads) with optional QK-norm, sliding window
-and attention-logit soft-cap."""
+and attention-logit soft-cap.
+
+Speed notes (numbers in benchmarks/README.md): q, k and v come from one matmul against the three
+weights concatenated at call time (the parameters stay separate, so names and optimizers see q_proj,
+k_proj, v_proj; generation keeps the concatenation until the weights change); RoPE runs on the
+[B, T, H, d] projections; masks are built once per forward and attention kind, not once per layer.
+"""
 
 import math
 
@@ -9,8 +15,9 @@ from torch import nn
 
 from slmforge.config import ModelConfig
 from slmforge.model.cache import LayerKV
+from slmforge.model.ffn import FusedCopy, decode_linear
 from slmforge.model.norm import RMSNorm
-from slmforge.model.rope import apply_rope
+from slmforge.model.rope import rope
 
 
 def sliding_window_mask(seq_len: int, window: int, device) -> torch.Tensor:
@@ -40,40 +47,85 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.generation_weights = FusedCopy()
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                kv: LayerKV | None = None) -> torch.Tensor:
+    def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The q, k, v projections as one [(H + 2 H_kv) d, d_model] weight (and bias)."""
+        weight = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
+        bias = None
+        if self.q_proj.bias is not None:
+            bias = torch.cat((self.q_proj.bias, self.k_proj.bias, self.v_proj.bias))
+        return weight, bias
+
+    def forward(self, x: torch.Tensor, rope_tables: tuple[torch.Tensor, torch.Tensor],
+                kv: LayerKV | None = None, masks: dict | None = None, gen_splits: int | None = None) -> torch.Tensor:
+        """x [B, T, d_model]; rope_tables from `RotaryEmbedding.full_tables`; `masks` is shared by the layers
+        of one forward (a memo); `gen_splits` is None except in generation (see SwiGLU.forward)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope, self.rope_layout), apply_rope(k, *rope, self.rope_layout)
+        H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if gen_splits is None:
+            qkv = F.linear(x, *self.fused_qkv())
+        else:
+            params = [p for m in (self.q_proj, self.k_proj, self.v_proj) for p in (m.weight, m.bias) if p is not None]
+            qkv = decode_linear(x, *self.generation_weights.get(params, self.fused_qkv), gen_splits)
+        qkv = qkv.view(B, T, H + 2 * H_kv, D)
+        if self.q_norm is None and gen_splits is not None:  # one rotation for q and k: fewer small ops
+            q, k = rope(qkv[:, :, :H + H_kv], *rope_tables, self.rope_layout).split((H, H_kv), dim=2)
+            v = qkv[:, :, H + H_kv:]
+        else:
+            q, k, v = qkv.split((H, H_kv, H_kv), dim=2)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = rope(q, *rope_tables, self.rope_layout), rope(k, *rope_tables, self.rope_layout)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D] views
 
         if kv is not None:
             q_pos = kv.cache.step.positions
             k, v, k_pos = kv.update(k, v)
-            mask, causal = position_mask(q_pos, k_pos, self.window), False
+            key = ("cache", self.window, kv.capacity, k_pos.shape[1])
+            mask = None if masks is None else masks.get(key)
+            if mask is None:
+                # Additive float mask: SDPA would convert a boolean one the same way on every call.
+                allowed = position_mask(q_pos, k_pos, self.window)
+                mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, -math.inf)
+                if masks is not None:
+                    masks[key] = mask
+            causal = False
         elif self.window is not None and self.window < T:
-            mask, causal = sliding_window_mask(T, self.window, x.device), False
+            key = ("sliding", self.window, T)
+            mask = None if masks is None else masks.get(key)
+            if mask is None:
+                mask = sliding_window_mask(T, self.window, x.device)
+                if masks is not None:
+                    masks[key] = mask
+            causal = False
         else:
             mask, causal = None, True
         y = self._attend(q, k, v, mask, causal)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        y = y.transpose(1, 2).reshape(B, T, H * D)
+        if gen_splits is None:
+            return self.o_proj(y)
+        return decode_linear(y, self.o_proj.weight, self.o_proj.bias, gen_splits)
 
     def _attend(self, q, k, v, mask, causal):
         if self.softcap is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                   enable_gqa=self.n_kv_heads != self.n_heads)
-        # SDPA cannot soft-cap the logits: explicit attention, logits c*tanh(s/c) before masking.
-        groups = self.n_heads // self.n_kv_heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        # SDPA cannot soft-cap the logits: explicit attention, logits c*tanh(s/c) before masking. The G query
+        # heads sharing a kv head are stacked along the query axis, so k and v are read, not repeated.
+        B, H, T, D = q.shape
+        H_kv, S = k.shape[1], k.shape[2]
+        groups = H // H_kv
+        scores = (q.reshape(B, H_kv, groups * T, D) @ k.transpose(-2, -1)) / math.sqrt(D)
         scores = self.softcap * torch.tanh(scores / self.softcap)
+        scores = scores.view(B, H_kv, groups, T, S)
         if mask is None:
-            T, S = q.shape[2], k.shape[2]
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-        scores = scores.masked_fill(~mask, float("-inf"))
+        if mask.dim() == 4:  # [B, 1, T, S]
+            mask = mask.unsqueeze(1)
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask
         weights = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(v.dtype)
-        return weights @ v
+        return (weights.view(B, H_kv, groups * T, S) @ v).view(B, H, T, D)
