@@ -12,11 +12,13 @@ from torch import nn
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, splits: int) -> torch.Tensor:
-    """F.linear for generation. A single row (one token) is a matrix-vector product bound by memory
-    bandwidth, which MKL runs on one thread: cut into `splits` row blocks of the weight, a batched matmul
-    reads them on `splits` threads at once (same products and sums, so the same result)."""
+    """F.linear for generation. A single float32 row (one token) is a matrix-vector product bound by memory
+    bandwidth, which MKL runs on one thread (~14 GB/s here): cut into `splits` row blocks of the weight, a
+    batched matmul reads them on `splits` threads at once (~25 GB/s on 2 cores), with the same products
+    and sums. bf16/fp16 products already use every thread, so they, and several rows, go to F.linear."""
     out_features, in_features = weight.shape
-    if splits > 1 and x.numel() == in_features and out_features % splits == 0 and weight.is_contiguous():
+    if (splits > 1 and x.numel() == in_features and out_features % splits == 0 and weight.is_contiguous()
+            and x.dtype == weight.dtype == torch.float32):
         # x as an [in, 1] column with strides (1, in): with (1, 1), MKL takes a 4x slower path.
         column = x.as_strided((splits, in_features, 1), (0, 1, in_features)) if x.is_contiguous() else \
             x.reshape(1, in_features).t().expand(splits, -1, -1)
