@@ -20,20 +20,10 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
         cos, sin = angles.cos().float(), angles.sin().float()
-        # Not saved with the weights: derived from the config.
-        self.register_buffer("cos", cos, persistent=False)  # [max_seq_len, d/2]
-        self.register_buffer("sin", sin, persistent=False)
         cos_full, sin_signed = full_tables(cos, sin, layout)
+        # Not saved with the weights: derived from the config.
         self.register_buffer("cos_full", cos_full, persistent=False)  # [max_seq_len, d]
         self.register_buffer("sin_signed", sin_signed, persistent=False)
-
-    def tables(self, positions: torch.Tensor | None, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Half-width cos/sin for the given positions ([B, T], -1 marks padding) or for 0..seq_len-1, shaped
-        for `apply_rope` on [B, H, T, d]."""
-        if positions is None:
-            return self.cos[:seq_len], self.sin[:seq_len]
-        index = positions.clamp(min=0)
-        return self.cos[index].unsqueeze(1), self.sin[index].unsqueeze(1)  # [B, 1, T, d/2]
 
     def full_tables(self, positions: torch.Tensor | None, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-width (cos, sin_signed) for `rope` on x [B, T, H, d]: [T, 1, d] or [B, T, 1, d]."""
@@ -87,8 +77,3 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, layout: s
         return _RopeFunction.apply(x, cos, sin_signed, layout)
     return _rotate(x, cos, sin_signed, layout)
 
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
-    """Rotate x [B, H, T, d] by half-width cos/sin [T, d/2] or [B, 1, T, d/2] (`RotaryEmbedding.tables`)."""
-    cos_full, sin_signed = full_tables(cos, sin, layout)
-    return rope(x, cos_full, sin_signed, layout)
