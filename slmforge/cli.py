@@ -91,9 +91,37 @@ def cmd_sample(args) -> None:
         temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
     )
+    if args.speculative:
+        _sample_speculative(model, tokenizer, args.prompt, params)
+        return
     for prompt, completion in zip(args.prompt, generate(model, tokenizer, args.prompt, params)):
         print(f"--- {prompt!r} ({completion.finish_reason})")
         print(prompt + completion.text)
+
+
+def _sample_speculative(model, tokenizer, prompts: list[str], params) -> None:
+    """Greedy decoding drafted by the MTP module, timed beside plain greedy decoding of the same prompt."""
+    import time
+
+    from slmforge.infer import generate_ids
+    from slmforge.infer.speculative import speculative_greedy
+
+    if params.temperature != 0 or params.repetition_penalty != 1.0 or params.stop:
+        raise ValueError("--speculative decodes greedily: use it with --greedy, without --repetition-penalty "
+                         "or --stop")
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt)
+        t0 = time.perf_counter()
+        plain = generate_ids(model, [ids], params, eos_id=tokenizer.eos_id)[0]
+        plain_s = time.perf_counter() - t0
+        spec = speculative_greedy(model, ids, params.max_new_tokens, tokenizer.eos_id, params.min_new_tokens)
+        print(f"--- {prompt!r} ({spec.finish_reason})")
+        print(prompt + tokenizer.decode(spec.token_ids))
+        same = "identical to" if spec.token_ids == plain.token_ids else "DIFFERENT from"
+        print(f"speculative: {len(spec.token_ids)} tokens, {same} plain greedy; drafts accepted "
+              f"{spec.accepted}/{spec.drafted} ({spec.acceptance_rate:.0%}); "
+              f"{len(spec.token_ids) / spec.seconds:.1f} vs {plain.n_generated / plain_s:.1f} tokens/s plain "
+              f"(x{plain_s / spec.seconds * len(spec.token_ids) / max(plain.n_generated, 1):.2f})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="stop string, repeatable")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--speculative", action="store_true",
+                   help="greedy decoding drafted by the model's MTP module; reports acceptance and speed-up")
     p.set_defaults(func=cmd_sample)
     return parser
 

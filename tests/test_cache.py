@@ -143,14 +143,14 @@ def test_ring_never_holds_more_than_window_plus_margin():
     assert ring.window == WINDOW and full.window is None
     head = model.cfg.n_kv_heads * model.cfg.head_dim * 4  # bytes of one fp32 key (or value) across heads
     # One scratch slot takes the writes that must not land (padding).
-    assert ring.k.shape[2] == ring.v.shape[2] == WINDOW + MARGIN + 1
-    assert full.k.shape[2] == max_len + 1
+    assert [s.shape[2] for s in ring.stores] == [WINDOW + MARGIN + 1] * 2
+    assert [s.shape[2] for s in full.stores] == [max_len + 1] * 2
     assert cache.nbytes() == 2 * 2 * head * ((WINDOW + MARGIN + 1) + (max_len + 1))
     tokens = torch.randint(0, 512, (2, 90), generator=torch.Generator().manual_seed(5))
     model(tokens[:, :30], cache=cache)
     for t in range(30, 90):
         model(tokens[:, t:t + 1], cache=cache)
         assert int((ring.pos >= 0).sum(dim=1).max()) <= WINDOW + MARGIN
-        assert ring.k.shape[2] == WINDOW + MARGIN + 1
+        assert ring.stores[0].shape[2] == WINDOW + MARGIN + 1
     assert int((full.pos >= 0).sum(dim=1).min()) == 90
     assert sorted(ring.pos[0, :-1].tolist()) == list(range(90 - WINDOW - MARGIN, 90))

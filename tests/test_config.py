@@ -40,10 +40,30 @@ def test_overrides_parse_values():
     (["schedule.decay_fraction=1.5"], "schedule.decay_fraction"),
     (["optim.name=sgd"], "optim.name"),
     (["model.attention_pattern=[local]"], "model.attention_pattern.0"),
+    (["model.attention=mha"], "model.attention"),
+    (["model.ffn=moe", "model.moe.top_k=9"], "model.moe.top_k"),
+    (["model.ffn=moe", "model.moe.score=relu"], "model.moe.score"),
+    (["model.ffn=moe", "model.moe.shared_gate=true"], "model.moe.shared_gate"),
+    (["model.ffn=moe", "model.moe.n_expert=4"], "model.moe.n_expert"),
+    (["model.residual=attnres"], "model.residual"),
+    (["model.residual=attnres_block", "model.residual_blocks=3"], "model.residual_blocks"),
+    (["model.mtp_depth=-1"], "model.mtp_depth"),
 ])
 def test_bad_configs_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config("tiny", override)
+
+
+@pytest.mark.parametrize("override, key", [
+    (["model.mla.rope_head_dim=8"], "model.mla.rope_head_dim"),  # whole_head takes no separate RoPE key
+    (["model.mla.rope_mode=decoupled"], "model.mla.rope_head_dim"),
+    (["model.mla.kv_lora_rank=0"], "model.mla.kv_lora_rank"),
+    (["model.moe.first_dense_layers=9"], "model.moe.first_dense_layers"),
+    (["model.attn_logit_softcap=50"], "model.attn_logit_softcap"),
+])
+def test_bad_sparse_configs_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("axion1-350k", override)
 
 
 def test_unknown_key_suggests_the_right_one():

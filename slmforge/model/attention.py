@@ -49,6 +49,10 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.generation_weights = FusedCopy()
 
+    def cache_shapes(self) -> list[tuple[int, int]]:
+        """What the KV cache keeps per token: keys and values, [n_kv_heads, head_dim] each."""
+        return [(self.n_kv_heads, self.head_dim), (self.n_kv_heads, self.head_dim)]
+
     def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The q, k, v projections as one [(H + 2 H_kv) d, d_model] weight (and bias)."""
         weight = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))

@@ -23,39 +23,42 @@ class CacheStep:
 
 
 class LayerKV:
-    def __init__(self, cache: "KVCache", capacity: int, window: int | None, n_kv_heads: int, head_dim: int,
-                 value_dim: int, dtype: torch.dtype, device):
+    """One attention layer's entries: one tensor [B, heads, slots, dim] per kind of stored value (keys and
+    values for GQA; the latent and the RoPE key for MLA), all addressed by the same slots."""
+
+    def __init__(self, cache: "KVCache", capacity: int, window: int | None, shapes: list[tuple[int, int]],
+                 dtype: torch.dtype, device):
         self.cache, self.capacity, self.window = cache, capacity, window
         batch = cache.batch_size
         # One extra scratch slot receives writes that must not land (padding, tokens beyond the ring).
-        self.k = torch.zeros(batch, n_kv_heads, capacity + 1, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(batch, n_kv_heads, capacity + 1, value_dim, dtype=dtype, device=device)
+        self.stores = [torch.zeros(batch, heads, capacity + 1, dim, dtype=dtype, device=device)
+                       for heads, dim in shapes]
         self.pos = torch.full((batch, capacity + 1), -1, dtype=torch.long, device=device)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Store k, v [B, H, T, d] of the current step; return all keys, values and key positions to attend."""
+    def update(self, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store the current step's tensors [B, heads, T, dim] (one per store); return every store's entries
+        to attend to, then their positions [B, S]."""
         step = self.cache.step
-        n_new = k.shape[2]
+        n_new = new[0].shape[2]
         fits = self.window is None or n_new <= self.capacity - self.window + 1
         if fits:  # write first, then attend over the used slots (no copy of the cache)
-            self._write(k, v, step.positions)
+            self._write(new, step.positions)
             used = min(self.capacity, step.len_after)
-            return self.k[:, :, :used], self.v[:, :, :used], self.pos[:, :used]
+            return (*(s[:, :, :used] for s in self.stores), self.pos[:, :used])
         # A long chunk would overwrite ring entries its own first queries still need: attend over a copy.
         used = min(self.capacity, step.len_before)
-        keys = torch.cat((self.k[:, :, :used], k), dim=2)
-        values = torch.cat((self.v[:, :, :used], v), dim=2)
+        out = [torch.cat((s[:, :, :used], t), dim=2) for s, t in zip(self.stores, new)]
         key_pos = torch.cat((self.pos[:, :used], step.positions), dim=1)
-        self._write(k, v, step.positions)
-        return keys, values, key_pos
+        self._write(new, step.positions)
+        return (*out, key_pos)
 
-    def _write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+    def _write(self, new: tuple[torch.Tensor, ...], positions: torch.Tensor) -> None:
         last = positions.max(dim=1, keepdim=True).values
         keep = (positions >= 0) & (positions > last - self.capacity)
         slot = torch.where(keep, positions % self.capacity, self.capacity)
         rows = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)
-        self.k[rows, :, slot] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[rows, :, slot] = v.transpose(1, 2).to(self.v.dtype)
+        for store, t in zip(self.stores, new):
+            store[rows, :, slot] = t.transpose(1, 2).to(store.dtype)
         self.pos[rows, slot] = positions
         self.pos[:, self.capacity] = -1
 
@@ -64,17 +67,17 @@ class LayerKV:
 
 
 class KVCache:
-    """Cache for a model's attention layers; `windows[i]` is layer i's sliding window or None."""
+    """Cache for a model's attention layers. `layers[i]` is (window or None, store shapes) of layer i: each
+    store shape is (heads, dim) of one kind of entry the layer keeps per token."""
 
-    def __init__(self, windows: list[int | None], batch_size: int, max_len: int, n_kv_heads: int, head_dim: int,
-                 value_dim: int | None = None, dtype=torch.float32, device=None, rollback_margin: int = 16):
+    def __init__(self, layers: list[tuple[int | None, list[tuple[int, int]]]], batch_size: int, max_len: int,
+                 dtype=torch.float32, device=None, rollback_margin: int = 16):
         self.batch_size, self.max_len, self.rollback_margin = batch_size, max_len, rollback_margin
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.step: CacheStep | None = None
         self.layers = [
-            LayerKV(self, max_len if w is None else min(max_len, w + rollback_margin), w, n_kv_heads, head_dim,
-                    value_dim or head_dim, dtype, device)
-            for w in windows
+            LayerKV(self, max_len if w is None else min(max_len, w + rollback_margin), w, shapes, dtype, device)
+            for w, shapes in layers
         ]
 
     def next_positions(self, n_tokens: int) -> torch.Tensor:
@@ -105,4 +108,4 @@ class KVCache:
         self.lengths = lengths.clone()
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.k, layer.v))
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.stores)

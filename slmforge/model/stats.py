@@ -6,6 +6,17 @@ from slmforge.config import ModelConfig
 from slmforge.model.transformer import Transformer
 
 
+def _kv_values_per_token(cfg: ModelConfig) -> tuple[int, int]:
+    """Numbers one layer's cache keeps per token, and what the same attention would keep as plain
+    per-head keys and values (equal for GQA; for MLA, its expanded multi-head form)."""
+    if cfg.attention != "mla":
+        n = 2 * cfg.n_kv_heads * cfg.head_dim
+        return n, n
+    m = cfg.mla
+    latent = m.kv_lora_rank + m.rope_head_dim
+    return latent, cfg.n_heads * (m.qk_head_dim + m.rope_head_dim + m.v_head_dim)
+
+
 def model_stats(cfg: ModelConfig, context: int | None = None) -> dict:
     """Parameters, FLOPs per token and KV-cache bytes of `cfg` at `context` tokens (default: max_seq_len)."""
     context = context or cfg.max_seq_len
@@ -13,24 +24,35 @@ def model_stats(cfg: ModelConfig, context: int | None = None) -> dict:
         model = Transformer(cfg)
     total = sum(p.numel() for p in model.parameters())
     embedding = model.embed.weight.numel()
-    # Every weight but the embedding lookup is used as a matmul per token; a tied head is a matmul too.
-    matmul_params = total - embedding + cfg.vocab_size * cfg.d_model
+    mtp = sum(p.numel() for p in model.mtp.parameters())
+    # A token runs through top_k of a layer's routed experts; the others' weights sit idle for it.
+    moe_layers = sum(cfg.layer_is_moe(i) for i in range(cfg.n_layers))
+    per_expert = 3 * cfg.d_model * cfg.moe.expert_d_ff
+    idle = moe_layers * (cfg.moe.n_experts - cfg.moe.top_k) * per_expert
+    active = total - mtp - idle
+    # Every active weight but the embedding lookup is used as a matmul per token; a tied head is one too.
+    matmul_params = active - embedding + cfg.vocab_size * cfg.d_model
     spans = [context if w is None else min(w, context) for w in cfg.layer_windows()]
-    # QK^T and AV: 2 FLOPs per multiply-add, over n_heads*head_dim channels and the attended span.
-    attention_flops = sum(2 * 2 * cfg.n_heads * cfg.head_dim * s for s in spans)
+    if cfg.attention == "mla":
+        qk_dim, v_dim = cfg.mla.qk_head_dim + cfg.mla.rope_head_dim, cfg.mla.v_head_dim
+    else:
+        qk_dim = v_dim = cfg.head_dim
+    # QK^T and AV: 2 FLOPs per multiply-add, over each head's channels and the attended span.
+    attention_flops = sum(2 * cfg.n_heads * (qk_dim + v_dim) * s for s in spans)
     forward_flops = 2 * matmul_params + attention_flops
-    kv_per_token_layer = 2 * cfg.n_kv_heads * cfg.head_dim  # keys and values
-    kv_bytes_full = sum(kv_per_token_layer * s for s in spans) * 2  # bf16 at `context` tokens
+    kv_per_layer, expanded_per_layer = _kv_values_per_token(cfg)
     return {
         "total_params": total,
         "embedding_params": embedding,
         "non_embedding_params": total - embedding,
-        "active_params_per_token": total,  # dense: every weight is used for every token
+        "mtp_params": mtp,
+        "active_params_per_token": active,  # main model only: MTP modules serve training and drafting
         "context": context,
         "forward_flops_per_token": forward_flops,
         "train_flops_per_token": 3 * forward_flops,
-        "kv_bytes_per_token_bf16": kv_per_token_layer * cfg.n_layers * 2,
-        "kv_cache_bytes_full_context_bf16": kv_bytes_full,
+        "kv_bytes_per_token_bf16": kv_per_layer * cfg.n_layers * 2,
+        "kv_bytes_per_token_expanded_bf16": expanded_per_layer * cfg.n_layers * 2,
+        "kv_cache_bytes_full_context_bf16": sum(kv_per_layer * s for s in spans) * 2,
         "weights_bytes_bf16": total * 2,
     }
 
@@ -48,10 +70,13 @@ def format_stats(name: str, stats: dict) -> str:
         ("parameters", f"{stats['total_params']:,} ({human(stats['total_params'])})"),
         ("  embedding", f"{stats['embedding_params']:,}"),
         ("  non-embedding", f"{stats['non_embedding_params']:,}"),
-        ("active per token", f"{stats['active_params_per_token']:,}"),
+        ("  of which MTP modules", f"{stats['mtp_params']:,}"),
+        ("active per token", f"{stats['active_params_per_token']:,} ({human(stats['active_params_per_token'])})"),
         (f"FLOPs/token forward @{stats['context']}", human(stats["forward_flops_per_token"], "FLOP")),
         (f"FLOPs/token train   @{stats['context']}", human(stats["train_flops_per_token"], "FLOP")),
-        ("KV cache per token (bf16)", f"{stats['kv_bytes_per_token_bf16']:,} bytes"),
+        ("KV cache per token (bf16)", f"{stats['kv_bytes_per_token_bf16']:,} bytes"
+         + (f" (latent; {stats['kv_bytes_per_token_expanded_bf16']:,} as per-head keys and values)"
+            if stats["kv_bytes_per_token_expanded_bf16"] != stats["kv_bytes_per_token_bf16"] else "")),
         (f"KV cache at {stats['context']} tokens (bf16)", f"{stats['kv_cache_bytes_full_context_bf16'] / mib:.1f} MiB"
          f" = {stats['kv_cache_bytes_full_context_bf16'] / stats['context']:,.0f} bytes/token (sliding rings hold W)"),
         ("weights in bf16", f"{stats['weights_bytes_bf16'] / mib:.1f} MiB"),

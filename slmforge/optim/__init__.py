@@ -5,9 +5,15 @@ Grouping (cfg.name == "muon"), decided per parameter by name and shape:
   adamw_matrices  embeddings and the LM head (Muon is for hidden layers: their rows are looked up or
                   read out one token at a time), and "matrices" with a dimension of 1 (a [1, d] gate is a
                   vector); weight decay cfg.weight_decay
-  adamw_no_decay  1-D and 0-D tensors: norm gains, biases, per-layer vectors; never decayed
-With cfg.name == "adamw" the Muon group folds into adamw_matrices. Frozen parameters and buffers (e.g.
-routing biases) are not optimized. Every group carries "name", "base_lr" and "param_names".
+                  The MoE router too: its logits' scale decides how peaked the routing is, and Muon's
+                  fixed-size orthogonal steps would move that scale at the hidden matrices' pace.
+  adamw_no_decay  1-D and 0-D tensors: norm gains, biases, per-layer vectors; never decayed. Also the
+                  attention-residual queries (`residual.*`, stored as [n_layers, d] rows of independent
+                  vectors, not a matrix): zero-initialised, so decay would only pull them back to uniform
+                  averaging.
+With cfg.name == "adamw" the Muon group folds into adamw_matrices. Frozen parameters and buffers are not
+optimized: the MoE routing biases are buffers, moved by the trainer's balancing rule, never by a gradient.
+Every group carries "name", "base_lr" and "param_names".
 """
 
 from __future__ import annotations
@@ -34,13 +40,20 @@ __all__ = [
 EMBEDDING_NAMES = ("embed", "lm_head")  # module names whose weights are token embeddings / the output head
 
 
+ADAMW_MATRIX_NAMES = ("router",)  # module names of matrices kept out of Muon (see the module docstring)
+VECTOR_NAMES = ("residual",)  # module names whose parameters are stacks of vectors
+
+
 def _group_name(name: str, p: torch.Tensor, use_muon: bool, is_embedding: bool) -> str:
     # a name component match also covers wrapped models ("module.embed.weight", "_orig_mod.lm_head.weight")
-    is_embedding = is_embedding or any(part in EMBEDDING_NAMES for part in name.split("."))
-    is_matrix = p.ndim >= 2 and min(p.shape[-2:]) > 1
+    parts = name.split(".")
+    if p.ndim < 2 or any(part in VECTOR_NAMES for part in parts):
+        return "adamw_no_decay"
+    is_embedding = is_embedding or any(part in EMBEDDING_NAMES for part in parts)
+    is_matrix = min(p.shape[-2:]) > 1 and not any(part in ADAMW_MATRIX_NAMES for part in parts)
     if use_muon and is_matrix and not is_embedding:
         return "muon"
-    return "adamw_matrices" if p.ndim >= 2 else "adamw_no_decay"
+    return "adamw_matrices"
 
 
 def build_optimizers(model: nn.Module, cfg: OptimConfig) -> list[torch.optim.Optimizer]:

@@ -61,3 +61,17 @@ def log(message: str, enabled: bool = True) -> None:
     """A line for the user on stderr that does not break the progress bar."""
     if enabled:
         tqdm.write(message, file=sys.stderr)
+
+
+def load_metrics(expert_load) -> dict:
+    """Router statistics of one step from the tokens each expert received, [n_moe_layers, n_experts]:
+    each layer's load as fractions, and its coefficient of variation (std / mean; 0 is perfectly even),
+    averaged over layers and at the worst layer."""
+    load = expert_load.double()
+    fractions = load / load.sum(dim=-1, keepdim=True).clamp(min=1.0)
+    cv = load.std(dim=-1, unbiased=False) / load.mean(dim=-1).clamp(min=1e-12)
+    return {
+        "moe_load": [[round(f, 4) for f in row] for row in fractions.tolist()],
+        "moe_load_cv": cv.mean().item(),
+        "moe_load_cv_max": cv.max().item(),
+    }

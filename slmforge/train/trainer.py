@@ -43,7 +43,7 @@ from slmforge.train.checkpoint import (CheckpointError, latest_checkpoint, load_
                                        read_trainer_state, restore_rng, save_checkpoint)
 from slmforge.train.evaluate import eval_sums, figures
 from slmforge.train.loss import lm_loss
-from slmforge.train.metrics import MetricsLog, json_safe, log, truncate_metrics
+from slmforge.train.metrics import MetricsLog, json_safe, load_metrics, log, truncate_metrics
 from slmforge.train.precision import autocast, choose_dtype
 
 
@@ -185,15 +185,18 @@ class Trainer:
         set_lr(optimizers, lr_factor(step, phase.steps, phase.schedule))
         accum = self.cfg.train.grad_accum
         totals: dict[str, torch.Tensor] = {}
+        expert_load = None  # [n_moe_layers, n_experts] tokens routed over the step (MoE models)
         for micro in range(accum):
             x, y = (t.to(self.d.device, non_blocking=True) for t in batches.get(step, micro))
             with distributed.grad_sync(self.ddp, sync=micro == accum - 1):
                 with self.autocast:
                     logits, aux = self.train_model(x)
-                loss, parts = lm_loss(logits, y, aux, self.cfg.train.z_loss)
+                loss, parts = lm_loss(logits, y, aux, self.cfg.train.z_loss, self.cfg.train.mtp_weight)
                 (loss / accum).backward()
             for name, value in {"loss": loss.detach(), **parts}.items():
                 totals[name] = totals.get(name, 0) + value / accum
+            if "expert_load" in aux:
+                expert_load = aux["expert_load"] if expert_load is None else expert_load + aux["expert_load"]
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         losses = distributed.all_reduce_mean(torch.stack(list(totals.values())).float(), self.d).tolist()
@@ -207,6 +210,11 @@ class Trainer:
                 opt.step()
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
+        if expert_load is not None:
+            expert_load = distributed.all_reduce_sum(expert_load.float(), self.d)
+            if not record["skipped"]:  # every rank applies the same update: the biases stay identical
+                self.model.update_routing_biases(expert_load)
+            record.update(load_metrics(expert_load))
         record["lr"] = {g["name"]: g["lr"] for opt in optimizers for g in opt.param_groups}
         return record
 

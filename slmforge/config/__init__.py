@@ -1,0 +1,53 @@
+"""One dataclass tree for a run: model, data, optimizer, schedule, training and phases.
+
+A config is built from a YAML preset shipped in `slmforge/presets/` or a YAML/JSON file, then
+`--set a.b=value` overrides are applied to the raw mapping before validation, so every error names the
+key it came from and is raised before any tensor exists. The resolved tree is what `config.json` in a
+checkpoint holds: every choice that changes the math is an explicit field.
+"""
+
+from slmforge.config.checks import check_vocab, validate, validate_model
+from slmforge.config.loading import (
+                                  apply_overrides,
+                                  from_dict,
+                                  list_presets,
+                                  load_config,
+                                  load_raw,
+)
+from slmforge.config.tree import (
+                                  FORMAT_VERSION,
+                                  PRESET_DIR,
+                                  ConfigError,
+                                  DataConfig,
+                                  MLAConfig,
+                                  ModelConfig,
+                                  MoEConfig,
+                                  OptimConfig,
+                                  PhaseConfig,
+                                  RunConfig,
+                                  ScheduleConfig,
+                                  TrainConfig,
+)
+
+__all__ = [
+                                  "FORMAT_VERSION",
+                                  "PRESET_DIR",
+                                  "ConfigError",
+                                  "DataConfig",
+                                  "MLAConfig",
+                                  "MoEConfig",
+                                  "ModelConfig",
+                                  "OptimConfig",
+                                  "PhaseConfig",
+                                  "RunConfig",
+                                  "ScheduleConfig",
+                                  "TrainConfig",
+                                  "apply_overrides",
+                                  "check_vocab",
+                                  "from_dict",
+                                  "list_presets",
+                                  "load_config",
+                                  "load_raw",
+                                  "validate",
+                                  "validate_model",
+]

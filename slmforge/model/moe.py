@@ -1,0 +1,145 @@
+"""Mixture-of-experts feed-forward: a router picks top-k SwiGLU experts per token, plus optional shared experts.
+
+One module covers DeepSeek-V3 (sigmoid scores, auxiliary-loss-free balancing bias, top-k renormalised,
+routed scaling factor, an ungated shared expert) and Qwen2-MoE (softmax scores, optional renormalisation,
+a shared expert gated by sigmoid(w . x)). Router math runs in float32 as in both reference models; the
+balancing bias only changes which experts are chosen, never the combine weights.
+
+Weights map onto transformers' layout by a rename: `router.weight` -> `gate.weight`, `router.balance_bias`
+-> `gate.e_score_correction_bias`, `experts.{gate,up}_proj` [E, f, d] -> `experts.gate_up_proj` (their
+concatenation along dim 1), `experts.down_proj` [E, d, f] as is, `shared_gate` -> `shared_expert_gate`.
+
+Dispatch sorts the (token, choice) pairs by expert so each expert reads one contiguous slice of gathered
+tokens, and index_add_ scatters the weighted outputs back; no expert ever sees a token not routed to it.
+On CPU in float32 the slices go through one `F.grouped_mm` call per projection, else a loop over the
+non-empty experts. Forward+backward, 4096 tokens, top-2, 2 busy CPU cores (best of 5): d 64/E 4/f 64
+loop 43 ms vs grouped 45 ms; d 128/E 8/f 96 loop 122 ms vs grouped 90 ms.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slmforge.config import ModelConfig, MoEConfig
+from slmforge.model.ffn import SwiGLU, decode_linear
+
+
+class Router(nn.Module):
+    """Scores, the chosen experts and their combine weights. `balance_bias` is a persistent buffer moved by
+    `MoE.update_bias`, never by a gradient."""
+
+    def __init__(self, d_model: int, moe: MoEConfig):
+        super().__init__()
+        self.moe = moe
+        self.weight = nn.Parameter(torch.empty(moe.n_experts, d_model))
+        self.register_buffer("balance_bias", torch.zeros(moe.n_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, d] -> scores [N, E] (float32, with grad), chosen experts [N, k], combine weights [N, k]."""
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
+        scores = logits.softmax(dim=-1) if self.moe.score == "softmax" else logits.sigmoid()
+        chosen = torch.topk(scores.detach() + self.balance_bias, self.moe.top_k, dim=-1).indices
+        weights = scores.gather(1, chosen)
+        if self.moe.norm_topk:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)  # DeepSeek-V3's epsilon
+        return scores, chosen, weights * self.moe.route_scale
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts as stacked weights: gate_proj, up_proj [E, f, d], down_proj [E, d, f] (no biases, as
+    in DeepSeek-V3 and Qwen2-MoE)."""
+
+    def __init__(self, n_experts: int, d_model: int, d_ff: int, std: float = 0.02):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, d_ff, d_model))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, d_ff, d_model))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
+        self.reset_parameters(std, std)
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        """Normal(0, std) for gate and up, Normal(0, out_std) for down (the residual output projection)."""
+        self.gate_proj.normal_(0.0, std)
+        self.up_proj.normal_(0.0, std)
+        self.down_proj.normal_(0.0, out_std)
+
+    def _grouped(self, x: torch.Tensor) -> bool:
+        """Whether F.grouped_mm can run these shapes: CPU, matching float32 dtypes, no autocast (it has no
+        autocast rule), and rows a multiple of 16 bytes."""
+        w = self.gate_proj
+        return (x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+                and not torch.is_autocast_enabled("cpu") and w.shape[1] % 4 == 0 and w.shape[2] % 4 == 0)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, gen_splits: int | None = None) -> torch.Tensor:
+        """x [N, d]: tokens sorted by expert, counts [E] per expert -> each token through its expert [N, d]."""
+        if gen_splits is None and self._grouped(x):
+            offs = counts.cumsum(0).to(torch.int32)
+            gate = F.grouped_mm(x, self.gate_proj.transpose(1, 2), offs=offs)
+            up = F.grouped_mm(x, self.up_proj.transpose(1, 2), offs=offs)
+            return F.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
+        splits = gen_splits or 1  # decode_linear is F.linear except for one float32 token in generation
+        outs, start = [], 0
+        for e, n in enumerate(counts.tolist()):
+            if n == 0:
+                continue
+            xe = x[start:start + n]
+            start += n
+            gate = decode_linear(xe, self.gate_proj[e], None, splits)
+            h = F.silu(gate) * decode_linear(xe, self.up_proj[e], None, splits)
+            outs.append(decode_linear(h, self.down_proj[e], None, splits))
+        return torch.cat(outs)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        m = self.moe = cfg.moe
+        self.router = Router(cfg.d_model, m)
+        nn.init.normal_(self.router.weight, 0.0, cfg.init_std)
+        self.experts = Experts(m.n_experts, cfg.d_model, m.expert_d_ff, cfg.init_std)
+        self.shared_expert = SwiGLU(cfg.d_model, m.shared_d_ff, cfg.bias) if m.shared_d_ff > 0 else None
+        self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if m.shared_gate else None
+
+    def forward(self, x: torch.Tensor, gen_splits: int | None = None) -> tuple[torch.Tensor, dict]:
+        """x [B, T, d] -> (y [B, T, d], aux): aux["load"] [E] float, tokens routed to each expert (detached);
+        aux["balance_loss"], alpha times the sequence-wise balance loss, when moe.balance_loss > 0."""
+        B, T, d = x.shape
+        E, k = self.moe.n_experts, self.moe.top_k
+        h = x.reshape(B * T, d)
+        scores, chosen, weights = self.router(h)
+        # group the N*k (token, choice) pairs by expert; a stable sort keeps each token's sum in expert order
+        flat = chosen.reshape(-1)
+        order = flat.argsort(stable=True)
+        tokens = order // k
+        counts = torch.bincount(flat, minlength=E)
+        out = self.experts(h[tokens], counts, gen_splits)
+        out = (out * weights.reshape(-1)[order, None]).to(h.dtype)
+        y = torch.zeros_like(h).index_add_(0, tokens, out).view(B, T, d)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x, gen_splits)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(x)) * shared
+            y = y + shared
+        aux = {"load": counts.float()}
+        if self.moe.balance_loss > 0:
+            aux["balance_loss"] = self.moe.balance_loss * self.balance_loss(scores.view(B, T, E), chosen.view(B, T, k))
+        return y, aux
+
+    def balance_loss(self, scores: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3's sequence-wise loss, mean over sequences of sum_i f_i P_i: f_i = E/(kT) times the
+        tokens choosing expert i, P_i the mean over the sequence of the scores normalised over experts."""
+        B, T, k = chosen.shape
+        E = scores.shape[-1]
+        hits = torch.zeros(B, E, device=scores.device).scatter_add_(
+            1, chosen.reshape(B, T * k), torch.ones(B, T * k, device=scores.device))
+        f = hits * (E / (k * T))
+        p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
+        return (f * p).sum(dim=-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor) -> None:
+        """Auxiliary-loss-free balancing, after an optimizer step: b_i += rate * sign(mean(load) - load_i)."""
+        bias = self.router.balance_bias
+        load = load.to(bias)
+        bias.add_(torch.sign(load.mean() - load), alpha=self.moe.bias_update_rate)

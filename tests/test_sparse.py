@@ -1,0 +1,168 @@
+"""The sparse seed presets as whole models: parameter counts, MTP loss, optimizer grouping, cache
+equivalence, self-speculative decoding and exact resume with routing biases."""
+
+import json
+
+import pytest
+import torch
+from helpers import make_dataset, sentences
+from safetensors.torch import load_file
+
+from slmforge.config import load_config
+from slmforge.infer import SamplingParams, generate_ids
+from slmforge.infer.speculative import speculative_greedy
+from slmforge.model import Transformer
+from slmforge.model.stats import model_stats
+from slmforge.optim import build_optimizers
+from slmforge.train import train
+from slmforge.train.loss import lm_loss
+from slmforge.train.trainer import Trainer
+
+
+def test_nekomind_counts():
+    stats = model_stats(load_config("nekomind-1.5").model)
+    assert stats["total_params"] == 1_354_563_072
+    assert stats["active_params_per_token"] == 297_598_464  # the card's 297.6M
+    assert stats["mtp_params"] == 0
+
+
+def test_axion_count():
+    assert model_stats(load_config("axion1-350k").model)["total_params"] == 343_616
+
+
+def test_codemind_counts_and_latent_cache():
+    stats = model_stats(load_config("codemind-1b").model)
+    d, layers, experts, width = 1024, 16, 16, 1024
+    attention = (d * 512 + 512 + 512 * 16 * 96 + d * (512 + 32) + 512 + 512 * 16 * 128 + 16 * 64 * d)
+    moe = (experts + 1) * 3 * d * width + experts * d
+    layer = attention + moe + 2 * d
+    residual = stats["total_params"] - (100352 * d + d + layers * layer + stats["mtp_params"])
+    mtp = 2 * d + 2 * d * d + layer + d
+    assert stats["mtp_params"] == mtp
+    assert residual == (2 * layers + 1) * d  # block attention residuals: one query per sublayer + final
+    assert stats["total_params"] == 1_082_787_328
+    assert stats["active_params_per_token"] == 1_082_787_328 - mtp - layers * (experts - 2) * 3 * d * width
+    assert 0.31e9 < stats["active_params_per_token"] < 0.33e9
+    # the cache keeps the 512-wide latent and the 32-wide RoPE key, not 16 heads of keys and values
+    assert stats["kv_bytes_per_token_bf16"] == layers * (512 + 32) * 2
+    assert stats["kv_bytes_per_token_expanded_bf16"] == layers * 16 * (96 + 64) * 2
+
+
+def test_mtp_logits_and_loss():
+    torch.manual_seed(0)
+    model = Transformer(load_config("codemind-tiny").model).train()
+    tokens = torch.randint(0, 512, (2, 16))
+    targets = torch.randint(0, 512, (2, 16))
+    logits, aux = model(tokens)
+    (mtp,) = aux["mtp_logits"]
+    assert mtp.shape == (2, 15, 512)
+    assert aux["expert_load"].shape == (5, 4)  # 4 layers + the MTP block, 4 experts each
+    assert aux["expert_load"].sum(dim=1).tolist() == [2 * 16 * 2] * 4 + [2 * 15 * 2]
+    total, parts = lm_loss(logits, targets, aux, z_loss=0.0, mtp_weight=0.3)
+    expected_mtp = torch.nn.functional.cross_entropy(mtp.reshape(-1, 512), targets[:, 1:].reshape(-1))
+    assert parts["mtp_ce_1"].item() == pytest.approx(expected_mtp.item(), rel=1e-6)
+    assert parts["mtp_loss"].item() == pytest.approx(0.3 * expected_mtp.item(), rel=1e-6)
+    assert total.item() == pytest.approx(parts["ce_loss"].item() + parts["mtp_loss"].item(), rel=1e-6)
+    model.eval()
+    assert "mtp_logits" not in model(tokens)[1]  # evaluation and generation skip the MTP modules
+
+
+def test_optimizer_groups_for_sparse_parts():
+    model = Transformer(load_config("codemind-tiny").model)
+    groups = {g["name"]: set(g["param_names"]) for opt in build_optimizers(model, load_config("codemind-tiny").optim)
+              for g in opt.param_groups}
+    named = dict(model.named_parameters())
+    assert set().union(*groups.values()) == set(named) and sum(map(len, groups.values())) == len(named)
+    assert "layers.0.ffn.experts.gate_proj" in groups["muon"]  # 3-D: orthogonalised per expert
+    assert "layers.0.attn.kv_b_proj.weight" in groups["muon"] and "mtp.0.proj.weight" in groups["muon"]
+    assert "layers.0.ffn.router.weight" in groups["adamw_matrices"]
+    assert {n for n in named if n.startswith("residual.")} <= groups["adamw_no_decay"]
+    assert "layers.0.ffn.router.balance_bias" not in named  # a buffer, moved by the balancing rule
+    assert "layers.0.ffn.router.balance_bias" in model.state_dict()
+
+
+@pytest.mark.parametrize("preset", ["codemind-tiny", "axion1-tiny", "nekomind-tiny"])
+@torch.inference_mode()
+def test_cached_decoding_equals_recomputation(preset):
+    torch.manual_seed(1)
+    model = Transformer(load_config(preset).model).eval()
+    tokens = torch.randint(0, 512, (2, 24))
+    full, _ = model(tokens)
+    cache = model.new_cache(2, 24)
+    parts = [model(tokens[:, :10], cache=cache)[0]]
+    parts += [model(tokens[:, t:t + 1], cache=cache)[0] for t in range(10, 24)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("preset,overrides", [("codemind-tiny", []), ("tiny", ["model.mtp_depth=1"]),
+                                              ("axion1-tiny", ["model.mtp_depth=1"])])
+def test_speculative_equals_plain_greedy(preset, overrides):
+    torch.manual_seed(2)
+    model = Transformer(load_config(preset, overrides).model).eval()
+    prompt = torch.randint(0, 512, (7,)).tolist()
+    params = SamplingParams(max_new_tokens=30, temperature=0.0)
+    plain = generate_ids(model, [prompt], params)[0].token_ids
+    spec = speculative_greedy(model, prompt, 30)
+    assert spec.token_ids == plain and spec.drafted > 0
+    assert spec.decoder_forwards == spec.drafted
+
+    # A drafter that always knows the answer: every draft is accepted, two tokens per decoder forward.
+    real_draft = model.draft
+
+    def oracle(hidden, following, cache, positions=None):
+        logits, h = real_draft(hidden, following, cache, positions)
+        index = int(cache.lengths[0]) - len(prompt) + 1  # where the drafted token lands in the output
+        logits[0, -1] = -1e9
+        logits[0, -1, plain[index] if index < len(plain) else 0] = 1e9
+        return logits, h
+
+    model.draft = oracle
+    spec = speculative_greedy(model, prompt, 30)
+    assert spec.token_ids == plain
+    # 1 token from the prompt's forward, 14 accepted pairs, then room for a single token
+    assert (spec.accepted, spec.drafted, spec.decoder_forwards) == (14, 15, 15)
+
+
+@pytest.fixture(scope="module")
+def byte_data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("sparse-data"), sentences())
+
+
+class Crash(Exception):
+    pass
+
+
+def test_moe_mtp_resume_is_exact_and_biases_move(tmp_path, byte_data, monkeypatch):
+    overrides = [f"data.path={byte_data}", "train.steps=6", "train.save_every=3", "train.eval_every=3"]
+    cfg = load_config("codemind-tiny", overrides)
+    train(cfg, tmp_path / "a")
+    real_step = Trainer.train_step
+
+    def crashing_step(self, phase, optimizers, batches, step):
+        if step == 4:
+            raise Crash
+        return real_step(self, phase, optimizers, batches, step)
+
+    monkeypatch.setattr(Trainer, "train_step", crashing_step)
+    with pytest.raises(Crash):
+        train(cfg, tmp_path / "b")
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    train(cfg, tmp_path / "b", resume=True)
+
+    lines = {run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+             for run in "ab"}
+    steps = [line for line in lines["a"] if "loss" in line]
+    assert len(steps) == 6 and all("mtp_loss" in s and "moe_load_cv" in s for s in steps)
+    assert len(steps[0]["moe_load"]) == 5 and sum(steps[0]["moe_load"][0]) == pytest.approx(1.0, abs=1e-3)
+    for a, b in zip(lines["a"], lines["b"]):
+        for key in ("loss", "mtp_loss", "balance_loss", "val_loss", "moe_load_cv"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-6), (key, a, b)
+    final_a = load_file(tmp_path / "a" / "main" / "step_6" / "model.safetensors")
+    final_b = load_file(tmp_path / "b" / "main" / "step_6" / "model.safetensors")
+    assert final_a.keys() == final_b.keys()
+    for name, tensor in final_a.items():
+        torch.testing.assert_close(final_b[name], tensor, atol=1e-6, rtol=0)
+    bias = final_a["layers.0.ffn.router.balance_bias"]
+    # six updates of +-0.001 each: the bias moved, by a multiple of the rate
+    assert bias.abs().max().item() > 0 and torch.allclose(bias * 1000, (bias * 1000).round(), atol=1e-3)
