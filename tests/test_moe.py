@@ -54,10 +54,10 @@ def naive(layer: MoE, x: torch.Tensor) -> torch.Tensor:
 
 
 ROUTINGS = [
-    dict(score="softmax"),
-    dict(score="softmax", norm_topk=True, shared_d_ff=12, shared_gate=True),
-    dict(score="sigmoid", norm_topk=True, route_scale=2.5, shared_d_ff=8),
-    dict(score="sigmoid", route_scale=0.7, shared_d_ff=12, shared_gate=True),
+    {"score": "softmax"},
+    {"score": "softmax", "norm_topk": True, "shared_d_ff": 12, "shared_gate": True},
+    {"score": "sigmoid", "norm_topk": True, "route_scale": 2.5, "shared_d_ff": 8},
+    {"score": "sigmoid", "route_scale": 0.7, "shared_d_ff": 12, "shared_gate": True},
 ]
 
 
@@ -69,7 +69,7 @@ def test_matches_per_token_reference(path, routing):
     x = torch.randn(2, 7, d)
     assert layer.experts._grouped(x) == (path == "grouped")
     y, aux = layer(x)
-    assert y.shape == x.shape
+    assert y.shape == x.shape and aux["load"].sum() == 2 * 7 * layer.moe.top_k
     torch.testing.assert_close(y.double(), naive(layer, x), atol=1e-5, rtol=0)
 
 
@@ -153,7 +153,7 @@ def test_update_bias_moves_skewed_load_toward_uniform():
 def test_load_counts_every_choice(score):
     layer = make(score=score, top_k=3)
     x = torch.randn(3, 5, 8)
-    y, aux = layer(x)
+    aux = layer(x)[1]
     load = aux["load"]
     assert load.shape == (4,) and load.dtype == torch.float32 and not load.requires_grad
     assert load.sum().item() == 3 * 5 * 3

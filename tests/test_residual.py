@@ -162,16 +162,16 @@ def test_one_block_per_layer_is_full_mode_over_layer_sums():
     _block_sources_check(build("attnres_block", L, L, randomize=True), L, sources)
 
 
-def test_uneven_blocks_last_block_takes_the_rest():
-    assert block_sizes(12, 8) == [1] * 7 + [5]
-    assert block_sizes(5, 2) == [2, 3] and block_sizes(6, 3) == [2, 2, 2]
+def test_uneven_blocks_are_as_even_as_possible():
+    assert block_sizes(12, 8) == [2] * 4 + [1] * 4
+    assert block_sizes(5, 2) == [3, 2] and block_sizes(6, 3) == [2, 2, 2]
     L = 5
 
-    def sources(emb, o, point):  # blocks: layers {0, 1}, {2, 3, 4}
+    def sources(emb, o, point):  # blocks: layers {0, 1, 2}, {3, 4}
         flat = o.reshape(2 * L, B, T, D)
-        if point <= 4:
+        if point <= 6:
             return [emb] + ([flat[:point].sum(0)] if point else [])
-        return [emb, flat[:4].sum(0), flat[4:point].sum(0)]
+        return [emb, flat[:6].sum(0), flat[6:point].sum(0)]
 
     _block_sources_check(build("attnres_block", L, 2, randomize=True), L, sources)
 

@@ -66,6 +66,9 @@ def validate_model(m: ModelConfig) -> None:
         _positive(m.residual_blocks, "model.residual_blocks")
         if m.residual_blocks > m.n_layers:
             raise ConfigError(f"model.residual_blocks={m.residual_blocks} exceeds model.n_layers={m.n_layers}")
+        if m.residual == "attnres_codemind" and m.n_layers % m.residual_blocks:
+            raise ConfigError(f"model.residual_blocks={m.residual_blocks} must divide model.n_layers={m.n_layers} "
+                              "with model.residual=attnres_codemind (CodeMind's blocks are equal)")
     if m.mtp_depth < 0:
         raise ConfigError(f"model.mtp_depth must be >= 0, got {m.mtp_depth}")
 

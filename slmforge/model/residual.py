@@ -18,15 +18,15 @@ Modes, driven by the Transformer through begin / input / add / output (L layers,
                     point sees [embedding, all N block sums]. N = 1: [embedding, sum of all earlier
                     outputs]. N = L: full mode with each layer's attention and FFN outputs merged into one
                     source. The paper cuts blocks of S = L/N layers and lets "the last block contain the
-                    remaining layers"; keeping exactly N blocks, the first N-1 have L // N layers and the
-                    last one the rest (`block_sizes`). The paper counts sublayers and may cut between
+                    remaining layers", which can make more than N blocks; here there are exactly N, as even
+                    as possible (`block_sizes`). The paper counts sublayers and may cut between
                     attention and FFN; here blocks hold whole layers.
   attnres_codemind  CodeMind (github B4K2/codemind: model/codemind.py `_forward_block_attnres`,
                     model/components/attn_residuals.py, model/blocks/transformer_block.py): one query per
                     layer, applied before attention only. Layer l reads h = agg_l([embedding, finished
                     block sums..., partial sum when non-empty]), then keeps plain residuals inside:
-                    u = h + attn(attn_norm(h)), y = u + ffn(ffn_norm(u)). The whole layer output y (its input h
-                    included) is added to the partial sum; after every L/N layers, except the last, the
+                    u = h + attn(attn_norm(h)), y = u + ffn(ffn_norm(u)). The whole layer output y (its
+                    input h included) is added to the partial sum; after every L/N layers, except the last, the
                     partial sum becomes a finished block. The final hidden state is the last layer's y (no
                     final aggregation). CodeMind requires N to divide L.
 
@@ -40,12 +40,14 @@ Parameters (all under `residual.`, vectors or rows of vectors, which the optimiz
   codemind     queries.{l} [d] (init 0), one name per CodeMind `attn_res_operators.{l}.pseudo_query`
                (`codemind_names`): L·d parameters.
 
-Cost: a source's logits against every query of the forward are one [T, d] x [d, points] product in
+Cost: a source's logits against every query of the forward are one [B·T, d] x [d, points] product in
 float32 when it is created; each point then only softmaxes a column per source and accumulates
 Σ α_i·v_i source by source in float32, so autograd keeps references to the sources, not a stacked
-[sources, B, T, d] copy per point (that would make full mode's memory grow as L²).
+[sources, B, T, d] copy per point (full mode, 12 layers: 75 MiB saved for backward instead of 726).
+Aggregates and block sums are in the embedding's dtype, the residual stream's (float32 under autocast).
 """
 
+import itertools
 from types import SimpleNamespace
 
 import torch
@@ -55,9 +57,10 @@ from slmforge.config import ModelConfig
 
 
 def block_sizes(n_layers: int, n_blocks: int) -> list[int]:
-    """Layers per block of attnres_block: n_blocks - 1 blocks of n_layers // n_blocks, the last the rest."""
-    size = n_layers // n_blocks
-    return [size] * (n_blocks - 1) + [n_layers - size * (n_blocks - 1)]
+    """Layers per block of attnres_block: as even as possible, the first n_layers % n_blocks one larger
+    (12 layers in 8 blocks: 2, 2, 2, 2, 1, 1, 1, 1)."""
+    size, extra = divmod(n_layers, n_blocks)
+    return [size + 1] * extra + [size] * (n_blocks - extra)
 
 
 def codemind_names(n_layers: int) -> dict[str, str]:
@@ -88,7 +91,7 @@ def _aggregate(state: SimpleNamespace, point: int, eps: float) -> torch.Tensor:
         values = values + [state.partial]
         logits.append(_logits(state.partial, state.w[point:point + 1], eps)[..., 0])
     alpha = torch.softmax(torch.stack(logits), dim=0).unsqueeze(-1)  # [n, B, T, 1]
-    out = alpha[0] * values[0]  # float32: alpha is
+    out = alpha[0] * values[0]  # float32 like alpha, whatever the sources' dtype
     for a, v in zip(alpha[1:], values[1:]):
         out.addcmul_(a, v)
     return out.to(state.dtype)
@@ -157,11 +160,11 @@ class _KimiResidual(Residual):
 
     def _point_weights(self) -> torch.Tensor:
         """[2L+1, d] float32: query ⊙ key gain of every point, in point order."""
-        d = self.final_query.shape[0]
-        q = torch.cat([torch.stack([self.attn_queries, self.ffn_queries], 1).reshape(-1, d), self.final_query[None]])
-        g = torch.cat([torch.stack([self.attn_key_gains, self.ffn_key_gains], 1).reshape(-1, d),
-                       self.final_key_gain[None]])
-        return (q * g).float()
+        def interleave(attn, ffn, final):
+            return torch.cat([torch.stack([attn, ffn], 1).flatten(0, 1), final[None]])
+
+        q = interleave(self.attn_queries, self.ffn_queries, self.final_query)
+        return (q * interleave(self.attn_key_gains, self.ffn_key_gains, self.final_key_gain)).float()
 
     def begin(self, embedding):
         return _begin(embedding, self._point_weights(), self.eps)
@@ -186,8 +189,8 @@ class BlockAttnRes(_KimiResidual):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        ends = torch.tensor(block_sizes(cfg.n_layers, cfg.residual_blocks)).cumsum(0) - 1
-        self.block_ends = frozenset(ends.tolist())  # last layer of each block
+        ends = itertools.accumulate(block_sizes(cfg.n_layers, cfg.residual_blocks))
+        self.block_ends = frozenset(end - 1 for end in ends)  # last layer of each block
 
     def add(self, state, layer, sublayer, output):
         state.partial = output.to(state.dtype) if state.partial is None else state.partial + output

@@ -85,6 +85,8 @@ class Transformer(nn.Module):
         1; biases 0; the residual module's own init (attention-residual queries start at zero)."""
         std = self.cfg.init_std
         for name, p in self.named_parameters():
+            if name.startswith("residual."):  # its own init below; skipped so the draws match mode "add"
+                continue
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif name.endswith(".bias"):
