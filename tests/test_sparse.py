@@ -83,7 +83,7 @@ def test_optimizer_groups_for_sparse_parts():
 
 @pytest.mark.parametrize("preset,overrides", [
     ("codemind-tiny", []), ("axion1-tiny", []), ("nekomind-tiny", []),
-    ("codemind-tiny", ["model.residual=attnres_full"]), ("nekomind-tiny", ["model.residual=attnres_block"]),
+    ("codemind-tiny", ["model.residual=attnres_full"]), ("nekomind-tiny", ["model.residual=attnres_block", "model.residual_blocks=2"]),
 ])
 @torch.inference_mode()
 def test_cached_decoding_equals_recomputation(preset, overrides):
