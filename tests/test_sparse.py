@@ -172,3 +172,21 @@ def test_moe_mtp_resume_is_exact_and_biases_move(tmp_path, byte_data, monkeypatc
     bias = final_a["layers.0.ffn.router.balance_bias"]
     # six updates of +-0.001 each: the bias moved, by a multiple of the rate
     assert bias.abs().max().item() > 0 and torch.allclose(bias * 1000, (bias * 1000).round(), atol=1e-3)
+
+
+def test_cli_info_and_speculative_sample(tmp_path, byte_data, capsys):
+    from slmforge.cli import main
+
+    assert main(["info"]) == 0
+    table = capsys.readouterr().out
+    assert "nekomind-1.5   1,354,563,072   297,598,464" in table
+    assert main(["info", "codemind-1b"]) == 0
+    assert "as per-head keys and values" in capsys.readouterr().out  # the latent cache beside the expanded one
+    train(load_config("codemind-tiny", [f"data.path={byte_data}", "train.steps=2"]), tmp_path / "run")
+    capsys.readouterr()
+    assert main(["sample", str(tmp_path / "run"), "--prompt", "the quick", "--greedy", "--speculative",
+                 "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "identical to plain greedy" in out and "drafts accepted" in out
+    assert main(["sample", str(tmp_path / "run"), "--prompt", "a", "--speculative"]) == 2  # not greedy
+    assert "--speculative decodes greedily" in capsys.readouterr().err
