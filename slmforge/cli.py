@@ -32,8 +32,9 @@ def cmd_info(args) -> None:
         print(presets_table())
         return
     if Path(target).is_dir():
-        from slmforge.config import apply_overrides, from_dict
         import json
+
+        from slmforge.config import apply_overrides, from_dict
 
         ckpt = resolve_checkpoint(target)
         cfg = from_dict(apply_overrides(json.loads((ckpt / "config.json").read_text()), args.set))

@@ -2,7 +2,14 @@ import json
 
 import pytest
 
-from slmforge.config import ConfigError, RunConfig, check_vocab, from_dict, list_presets, load_config
+from slmforge.config import (
+    ConfigError,
+    RunConfig,
+    check_vocab,
+    from_dict,
+    list_presets,
+    load_config,
+)
 
 
 def test_presets_load_and_round_trip():

@@ -7,7 +7,7 @@ exporter or importer of these architectures uses."""
 import pytest
 import torch
 
-from slmforge.config import MLAConfig, MoEConfig, ModelConfig, validate_model
+from slmforge.config import MLAConfig, ModelConfig, MoEConfig, validate_model
 from slmforge.model import Transformer
 
 transformers = pytest.importorskip(

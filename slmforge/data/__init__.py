@@ -2,7 +2,13 @@
 
 from slmforge.data.loader import TokenDataset, TrainBatches, val_batches
 from slmforge.data.prepare import format_report, prepare_dataset
-from slmforge.data.sources import Source, SourceStats, default_sources, iter_documents, parse_source
+from slmforge.data.sources import (
+    Source,
+    SourceStats,
+    default_sources,
+    iter_documents,
+    parse_source,
+)
 
 __all__ = [
     "Source",

@@ -35,15 +35,35 @@ from tqdm import tqdm
 from slmforge.config import ConfigError, PhaseConfig, RunConfig, check_vocab
 from slmforge.data.loader import TokenDataset, TrainBatches, val_batches
 from slmforge.model import Transformer
-from slmforge.optim import (build_optimizers, load_optimizer_state, lr_factor, optimizer_state_tensors,
-                            param_groups_summary, set_lr, smallest_singular_ratios)
+from slmforge.optim import (
+    build_optimizers,
+    load_optimizer_state,
+    lr_factor,
+    optimizer_state_tensors,
+    param_groups_summary,
+    set_lr,
+    smallest_singular_ratios,
+)
 from slmforge.tokenizer import Tokenizer, load_tokenizer
 from slmforge.train import distributed
-from slmforge.train.checkpoint import (CheckpointError, latest_checkpoint, load_weights, read_config,
-                                       read_trainer_state, restore_rng, save_checkpoint)
+from slmforge.train.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_weights,
+    read_config,
+    read_trainer_state,
+    restore_rng,
+    save_checkpoint,
+)
 from slmforge.train.evaluate import eval_sums, figures
 from slmforge.train.loss import lm_loss
-from slmforge.train.metrics import MetricsLog, json_safe, load_metrics, log, truncate_metrics
+from slmforge.train.metrics import (
+    MetricsLog,
+    json_safe,
+    load_metrics,
+    log,
+    truncate_metrics,
+)
 from slmforge.train.precision import autocast, choose_dtype
 
 
