@@ -71,6 +71,25 @@ def validate_model(m: ModelConfig) -> None:
                               "with model.residual=attnres_codemind (CodeMind's blocks are equal)")
     if m.mtp_depth < 0:
         raise ConfigError(f"model.mtp_depth must be >= 0, got {m.mtp_depth}")
+    _choice(m.arch, ("decoder", "multiscale"), "model.arch")
+    if m.arch == "multiscale":
+        _validate_multiscale(m)
+
+
+def _validate_multiscale(m: ModelConfig) -> None:
+    s = m.multiscale
+    if not s.scales or s.scales[0] != 1 or any(b <= a for a, b in zip(s.scales, s.scales[1:])):
+        raise ConfigError(f"model.multiscale.scales must start at 1 and increase, got {s.scales}")
+    for i, factor in enumerate(s.scales):
+        if m.max_seq_len % factor:
+            raise ConfigError(f"model.multiscale.scales.{i}={factor} does not divide model.max_seq_len={m.max_seq_len}")
+    _positive(s.layers_per_scale, "model.multiscale.layers_per_scale")
+    if s.cross_layers < 0:
+        raise ConfigError(f"model.multiscale.cross_layers must be >= 0, got {s.cross_layers}")
+    for key, value in (("attention", "gqa"), ("ffn", "dense"), ("residual", "add"), ("mtp_depth", 0)):
+        if getattr(m, key) != value:
+            raise ConfigError(f"model.{key}={getattr(m, key)!r} is not supported with model.arch=multiscale "
+                              f"(use {value!r})")
 
 
 def _validate_mla(m: ModelConfig) -> None:
@@ -117,7 +136,12 @@ def _validate_phase(p: PhaseConfig, prefix: str, model: ModelConfig) -> None:
     for name, w in p.data.weights.items():
         if w < 0:
             raise ConfigError(f"{prefix}data.weights.{name} must be >= 0, got {w}")
-    _choice(p.optim.name, ("muon", "adamw"), f"{prefix}optim.name")
+    _choice(p.optim.name, ("muon", "adamw", "lion", "sgd"), f"{prefix}optim.name")
+    _choice(p.optim.others, ("adamw", "lion", "sgd"), f"{prefix}optim.others")
+    if len(p.optim.lion_betas) != 2:
+        raise ConfigError(f"{prefix}optim.lion_betas must hold two numbers")
+    if not 0.0 <= p.optim.sgd_momentum < 1.0:
+        raise ConfigError(f"{prefix}optim.sgd_momentum must lie in [0, 1), got {p.optim.sgd_momentum}")
     _choice(p.optim.muon_adjust_lr, ("original", "match_rms_adamw"), f"{prefix}optim.muon_adjust_lr")
     if len(p.optim.betas) != 2:
         raise ConfigError(f"{prefix}optim.betas must hold two numbers")

@@ -51,6 +51,16 @@ class MoEConfig:
 
 
 @dataclass
+class MultiScaleConfig:
+    """The multi-scale byte transformer (AXL-Code), used when model.arch == "multiscale": parallel causal
+    stacks over the sequence downsampled by each factor, cross-scale attention, per-position fusion."""
+
+    scales: list[int] = field(default_factory=lambda: [1, 2, 4])  # downsampling factor of each stack
+    layers_per_scale: int = 6
+    cross_layers: int = 2  # rounds of cross-scale attention between every ordered pair of scales
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 8192
     d_model: int = 512
@@ -82,6 +92,8 @@ class ModelConfig:
     residual: str = "add"
     residual_blocks: int = 8
     mtp_depth: int = 0  # number of sequential multi-token-prediction modules (DeepSeek-V3)
+    arch: str = "decoder"  # "decoder": one stack of n_layers; "multiscale": see `multiscale`
+    multiscale: MultiScaleConfig = field(default_factory=MultiScaleConfig)
 
     def layer_windows(self) -> list[int | None]:
         """Attention window of each layer: None for global attention."""
@@ -111,7 +123,8 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "muon"  # "muon": Muon on hidden 2-D weights + AdamW on the rest; "adamw": AdamW only
+    name: str = "muon"  # "muon": Muon on hidden 2-D weights + `others` on the rest; or one of adamw, lion, sgd alone
+    others: str = "adamw"  # with name "muon": the optimizer of everything Muon does not take (adamw, lion, sgd)
     lr: float = 3e-3  # AdamW learning rate
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -122,6 +135,9 @@ class OptimConfig:
     muon_ns_steps: int = 5
     muon_weight_decay: float = 0.0
     muon_adjust_lr: str = "original"  # "original": sqrt(max(1, rows/cols)); "match_rms_adamw": 0.2*sqrt(max(rows, cols))
+    lion_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    sgd_momentum: float = 0.9
+    sgd_nesterov: bool = True
     grad_clip: float = 1.0  # 0 disables clipping
 
 
