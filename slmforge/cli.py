@@ -75,8 +75,11 @@ def cmd_data_prepare(args) -> None:
     from slmforge.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
+    from slmforge.data.sources import parse_source
+
     prepare_dataset(_sources(args.source), tokenizer, args.out, val_fraction=args.val_fraction,
-                    max_tokens_per_source=args.max_tokens_per_source)
+                    max_tokens_per_source=args.max_tokens_per_source,
+                    val_sources=[parse_source(s) for s in args.val_source])
 
 
 def cmd_train(args) -> None:
@@ -170,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--val-fraction", type=float, default=0.01)
     p.add_argument("--max-tokens-per-source", type=int, default=None)
+    p.add_argument("--val-source", action="append", default=[], metavar="NAME=PATH",
+                   help="the whole validation set of source NAME (e.g. a test split); repeatable")
     p.set_defaults(func=cmd_data_prepare)
 
     p = sub.add_parser("train", help="train a model (also under torchrun for DDP)")

@@ -155,6 +155,24 @@ def _split_documents(tokens, eos):
     return docs
 
 
+def test_prepare_with_a_held_out_validation_source(corpus, tmp_path):
+    """GSM8K style: train on one file, validate on another; the named val source takes the whole split."""
+    tok = byte_tokenizer()
+    test_split = tmp_path / "test.jsonl"
+    test_split.write_text('{"question": "3+3?", "answer": "6"}\n{"question": "5-1?", "answer": "4"}\n')
+    train_source = Source("qa", str(corpus / "qa.jsonl"), ["question", "answer"])
+    val_source = Source("qa", str(test_split), ["question", "answer"])
+    meta = prepare_dataset([train_source], tok, tmp_path / "ds", val_fraction=0.5, progress=False,
+                           val_sources=[val_source])
+    train = np.fromfile(tmp_path / "ds" / "qa" / "train.bin", dtype=np.uint16).tolist()
+    val = np.fromfile(tmp_path / "ds" / "qa" / "val.bin", dtype=np.uint16).tolist()
+    assert _split_documents(train, tok.eos_id) == [tok.encode(d) + [tok.eos_id] for d in _documents(train_source)]
+    assert _split_documents(val, tok.eos_id) == [tok.encode(d) + [tok.eos_id] for d in _documents(val_source)]
+    assert meta["sources"]["qa"]["val_paths"] == str(test_split) and meta["sources"]["qa"]["documents"] == 4
+    with pytest.raises(ValueError, match=r"validation sources \['other'\] name no training source"):
+        prepare_dataset([train_source], tok, tmp_path / "ds2", val_sources=[Source("other", str(test_split))])
+
+
 def test_prepare_is_deterministic_and_capped(corpus, tmp_path):
     tok = byte_tokenizer()
     sources = [Source("files", str(corpus))]

@@ -43,14 +43,21 @@ def prepare_dataset(
     val_fraction: float = 0.01,
     max_tokens_per_source: int | None = None,
     progress: bool = True,
+    val_sources: list[Source] | None = None,
 ) -> dict:
     """Tokenize `sources` into a dataset folder at `out_dir` and return its meta.json content.
 
     The folder is written beside `out_dir` under a temporary name and renamed into place at the end, so
     an interrupted run leaves no half dataset; an existing dataset at `out_dir` is replaced only on success.
-    `max_tokens_per_source` stops reading a source after the document that reaches it.
+    `max_tokens_per_source` stops reading a source after the document that reaches it. A source with a
+    `val_sources` entry of the same name (e.g. GSM8K's test split) takes its whole validation set from
+    there, and all its own documents train.
     """
     _check_arguments(sources, val_fraction, max_tokens_per_source)
+    held_out = {s.name: s for s in val_sources or []}
+    unknown = sorted(set(held_out) - {s.name for s in sources})
+    if unknown:
+        raise ValueError(f"validation sources {unknown} name no training source (names: {[s.name for s in sources]})")
     out_dir = Path(out_dir)
     _check_replaceable(out_dir)
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
@@ -62,7 +69,8 @@ def prepare_dataset(
         per_source = {}
         for source in sources:
             per_source[source.name] = _write_source(
-                source, tokenizer, partial / source.name, dtype, val_fraction, max_tokens_per_source, progress
+                source, tokenizer, partial / source.name, dtype, val_fraction, max_tokens_per_source, progress,
+                held_out.get(source.name),
             )
         _check_not_empty(sources, per_source)
         meta = {
@@ -124,12 +132,13 @@ def _is_val(index: int, fraction: float) -> bool:
     return index == 1 or (index * _GOLDEN) % 1.0 < fraction
 
 
-def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
-    """Lists of up to ENCODE_BATCH documents, cut early at ENCODE_CHARS so big files do not pile up."""
+def _batches(documents: Iterable[tuple[str, str | None]]) -> Iterator[list[tuple[str, str | None]]]:
+    """Lists of up to ENCODE_BATCH (document, split) pairs, cut early at ENCODE_CHARS so big files do not
+    pile up."""
     batch, chars = [], 0
     for doc in documents:
         batch.append(doc)
-        chars += len(doc)
+        chars += len(doc[0])
         if len(batch) == ENCODE_BATCH or chars >= ENCODE_CHARS:
             yield batch
             batch, chars = [], 0
@@ -145,21 +154,27 @@ def _write_source(
     val_fraction: float,
     max_tokens: int | None,
     progress: bool,
+    val_source: Source | None = None,
 ) -> dict:
-    """Tokenize one source into folder/train.bin and folder/val.bin; return its meta.json entry."""
+    """Tokenize one source into folder/train.bin and folder/val.bin (with `val_source`: all of the source
+    to train.bin, all of val_source to val.bin); return its meta.json entry."""
     folder.mkdir()
     stats = SourceStats()
     documents = nbytes = 0  # counted as written: the reader may have read ahead of a max_tokens stop
     tokens = {"train": 0, "val": 0}
     done = False
     bar = tqdm(desc=f"{source.name:>12}", unit=" docs", disable=not progress)
+    stream = ((doc, "train" if val_source else None) for doc in iter_documents(source, stats))
+    if val_source is not None:
+        stream = chain(stream, ((doc, "val") for doc in iter_documents(val_source, stats)))
     with open(folder / "train.bin", "wb") as train_file, open(folder / "val.bin", "wb") as val_file:
         files = {"train": train_file, "val": val_file}
-        for batch in _batches(iter_documents(source, stats)):
+        for batch in _batches(stream):
             parts = {"train": [], "val": []}
-            for text, ids in zip(batch, tokenizer.encode_batch(batch)):
+            texts = [text for text, _ in batch]
+            for (text, split), ids in zip(batch, tokenizer.encode_batch(texts)):
                 ids.append(tokenizer.eos_id)
-                split = "val" if _is_val(documents, val_fraction) else "train"
+                split = split or ("val" if _is_val(documents, val_fraction) else "train")
                 parts[split].append(ids)
                 tokens[split] += len(ids)
                 documents += 1
@@ -176,6 +191,7 @@ def _write_source(
     bar.close()
     return {
         "paths": source.paths,
+        "val_paths": val_source.paths if val_source else None,
         "fields": source.fields,
         "weight": source.weight,
         "documents": documents,
