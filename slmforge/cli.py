@@ -1,4 +1,4 @@
-"""`slmforge` command line: info, tokenizer train, data prepare, train, eval, sample."""
+"""`slmforge` command line: info, tokenizer train, data prepare, train, eval, sample, plot."""
 
 from __future__ import annotations
 
@@ -89,12 +89,30 @@ def cmd_train(args) -> None:
     overrides = list(args.set)
     if args.data:
         overrides.insert(0, f"data.path={Path(args.data).resolve()}")  # eval/sample may run elsewhere
-    cfg = load_config(args.config or args.preset, overrides)
-    report = train(cfg, args.out, resume=args.resume, fresh=args.fresh)
+    if args.recipe:
+        from slmforge.recipes import run_recipe
+
+        report = run_recipe(args.recipe, args.out, overrides, full=args.full, resume=args.resume, fresh=args.fresh)
+    else:
+        cfg = load_config(args.config or args.preset, overrides)
+        report = train(cfg, args.out, resume=args.resume, fresh=args.fresh)
     for phase in report["phases"]:
+        if phase.get("val_loss") is None:  # resumed after the phase had already ended
+            continue
         start = f"{phase['start_val_loss']:.4f} -> " if phase.get("start_val_loss") is not None else ""
         print(f"phase {phase['name']}: val loss {start}{phase['val_loss']:.4f} (bits per byte {phase['val_bpb']:.4f})")
-    print(f"{report['tokens']:,} tokens in {report['elapsed_s']:.0f} s; checkpoint {report['checkpoint']}")
+    print(train_summary(report))
+
+
+def train_summary(report: dict) -> str:
+    """The one line `train` ends with: final validation figures, tokens, wall time, training throughput."""
+    val = ""
+    if report.get("val_loss") is not None:
+        val = (f"val loss {report['val_loss']:.4f}, perplexity {report['val_ppl']:.2f}, "
+               f"bits per byte {report['val_bpb']:.4f}; ")
+    speed = f", {report['tokens_per_s']:,.0f} tokens/s training" if report.get("tokens_per_s") else ""
+    return (f"final: {val}{report['tokens']:,} tokens seen in {report['elapsed_s']:.0f} s{speed}; "
+            f"checkpoint {report['checkpoint']}")
 
 
 def cmd_eval(args) -> None:
@@ -146,6 +164,12 @@ def _sample_speculative(model, tokenizer, prompts: list[str], params) -> None:
               f"(x{plain_s / spec.seconds * len(spec.token_ids) / max(plain.n_generated, 1):.2f})")
 
 
+def cmd_plot(args) -> None:
+    from slmforge.plot import plot_runs
+
+    print(plot_runs([Path(r) for r in args.runs], Path(args.out), x=args.x, log_x=args.log_x))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slmforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--preset", help="a preset name (see `slmforge info`)")
     which.add_argument("--config", help="a YAML/JSON config file")
+    which.add_argument("--recipe", help="a seed card's recipe (slmforge/recipes/): prepares its tokenizer and "
+                       "data once, then trains")
+    p.add_argument("--full", action="store_true", help="with --recipe: the card's full size (for a GPU)")
     p.add_argument("--data", help="a folder written by `slmforge data prepare` (sets data.path)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. model.n_layers=4")
@@ -210,6 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", action="store_true",
                    help="greedy decoding drafted by the model's MTP module; reports acceptance and speed-up")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("plot", help="training curves of one or more runs as one PNG (needs slmforge[plot])")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (each with a metrics.jsonl)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--x", choices=["tokens", "step"], default="tokens",
+                   help="x axis: tokens seen, or optimizer steps counted across phases")
+    p.add_argument("--log-x", action="store_true", help="logarithmic x axis")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 

@@ -114,6 +114,8 @@ def test_parse_source():
 def test_default_sources_is_the_stdlib():
     (source,) = default_sources()
     assert source.name == "stdlib" and source.paths.endswith("*.py") and "site-packages" in source.exclude
+    code = parse_source("code=<stdlib>@0.6")  # the same corpus under another name in a mixture
+    assert (code.name, code.paths, code.exclude, code.weight) == ("code", source.paths, source.exclude, 0.6)
 
 
 def test_prepare_counts_tokens_exactly(corpus, tmp_path):

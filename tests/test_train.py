@@ -251,3 +251,30 @@ def test_phases_continue_with_their_own_settings(uninterrupted):
     assert anneal[0]["loss"] < pretrain[0]["loss"] - 0.3  # it starts from pretrain's weights, not from scratch
     files = ["anneal", "config.json", "metrics.jsonl", "pretrain", "report.json"]
     assert sorted(p.name for p in uninterrupted.iterdir()) == files
+
+
+@pytest.mark.parametrize("overrides", [("optim.name=lion", "optim.lr=3e-4", "optim.weight_decay=0.3"),
+                                       ("optim.name=sgd", "optim.lr=0.05", "optim.weight_decay=0.01")],
+                         ids=["lion", "sgd"])
+def test_lion_and_sgd_resume_exactly(tmp_path, data, monkeypatch, overrides):
+    """4 steps straight vs a crash before step 3 and a resume from the step-2 checkpoint: the same losses."""
+    cfg = tiny(data, *overrides, "train.steps=4", "train.save_every=2", "train.eval_every=100")
+    train(cfg, tmp_path / "straight")
+    real_step = Trainer.train_step
+
+    def crashing_step(self, phase, optimizers, batches, step):
+        if step == 2:
+            raise Crash
+        return real_step(self, phase, optimizers, batches, step)
+
+    monkeypatch.setattr(Trainer, "train_step", crashing_step)
+    with pytest.raises(Crash):
+        train(cfg, tmp_path / "run")
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    train(cfg, tmp_path / "run", resume=True)
+
+    expected, got = step_lines(tmp_path / "straight"), step_lines(tmp_path / "run")
+    assert [l["step"] for l in got] == [1, 2, 3, 4]
+    assert all(abs(e["loss"] - g["loss"]) <= 1e-6 for e, g in zip(expected, got)), (expected, got)
+    name = overrides[0].split("=")[1]
+    assert set(got[-1]["lr"]) == {f"{name}_matrices", f"{name}_no_decay"}

@@ -9,10 +9,13 @@ checkpoint holds: every choice that changes the math is an explicit field.
 from slmforge.config.checks import check_vocab, validate, validate_model
 from slmforge.config.loading import (
                                   apply_overrides,
+    deep_merge,
                                   from_dict,
                                   list_presets,
                                   load_config,
                                   load_raw,
+    read_mapping,
+    with_base,
 )
 from slmforge.config.tree import (
                                   FORMAT_VERSION,
@@ -45,11 +48,14 @@ __all__ = [
                                   "ScheduleConfig",
                                   "TrainConfig",
                                   "apply_overrides",
+    "deep_merge",
                                   "check_vocab",
                                   "from_dict",
                                   "list_presets",
                                   "load_config",
                                   "load_raw",
+    "read_mapping",
+    "with_base",
                                   "validate",
                                   "validate_model",
 ]

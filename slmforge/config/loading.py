@@ -73,11 +73,11 @@ def _build(cls, raw, prefix: str):
     return cls(**kwargs)
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -99,7 +99,7 @@ def from_dict(raw: dict) -> RunConfig:
             raise ConfigError(f"phases.{i}: expected a mapping")
         merged = {"name": f"phase{i}", "steps": cfg.train.steps}
         for part in ("data", "optim", "schedule"):
-            merged[part] = _deep_merge(raw.get(part) or {}, phase.get(part) or {})
+            merged[part] = deep_merge(raw.get(part) or {}, phase.get(part) or {})
         merged.update({k: v for k, v in phase.items() if k not in ("data", "optim", "schedule")})
         phases.append(_build(PhaseConfig, merged, f"phases.{i}"))
     cfg.phases = phases
@@ -145,7 +145,8 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def _read_mapping(path: Path) -> dict:
+def read_mapping(path: Path) -> dict:
+    """A YAML/JSON file's top-level mapping, or a ConfigError naming the file."""
     try:
         text = path.read_text()
     except OSError as e:
@@ -166,11 +167,14 @@ def load_raw(preset_or_path: str) -> dict:
         path = PRESET_DIR / f"{preset_or_path}.yaml"
         if not path.is_file():
             raise ConfigError(f"unknown preset or file '{preset_or_path}' (presets: {', '.join(list_presets())})")
-    raw = _read_mapping(path)
+    return with_base(read_mapping(path))
+
+
+def with_base(raw: dict) -> dict:
+    """`raw` merged over the preset its `base:` key names (recursively), without the key."""
+    raw = dict(raw)
     base = raw.pop("base", None)
-    if base is not None:
-        raw = _deep_merge(load_raw(base), raw)
-    return raw
+    return raw if base is None else deep_merge(load_raw(base), raw)
 
 
 def load_config(preset_or_path: str | None = None, overrides: list[str] | None = None) -> RunConfig:

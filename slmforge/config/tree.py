@@ -125,10 +125,12 @@ class DataConfig:
 class OptimConfig:
     name: str = "muon"  # "muon": Muon on hidden 2-D weights + `others` on the rest; or one of adamw, lion, sgd alone
     others: str = "adamw"  # with name "muon": the optimizer of everything Muon does not take (adamw, lion, sgd)
-    lr: float = 3e-3  # AdamW learning rate
+    # lr of the adamw / lion / sgd groups (Muon has muon_lr). Lion moves every weight by ±lr per step: give it
+    # an lr 3-10x smaller and a weight_decay 3-10x larger than AdamW's (e.g. 3e-4 and 0.3 for 3e-3 and 0.1)
+    lr: float = 3e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # <opt>_matrices only; decoupled for AdamW and Lion, L2 on the gradient for SGD
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
     muon_nesterov: bool = True

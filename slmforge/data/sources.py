@@ -27,6 +27,7 @@ TEXT_SUFFIXES = frozenset(
     ".txt .md .rst .tex .py .pyi .c .h .cc .cpp .hpp .rs .go .java .js .ts .sh .sql "
     ".json .jsonl .yaml .yml .toml .ini .cfg .csv .html .xml .css".split()
 )
+STDLIB = "<stdlib>"  # the path of a source spec that names the standard library
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # a source name is a folder name in a dataset
 
@@ -77,7 +78,8 @@ def parse_source(spec: str) -> Source:
     """Parse the CLI syntax `[NAME=]PATH[::FIELD[+FIELD...]][@WEIGHT]`.
 
     Examples: `math=../shared/data/gsm8k/train.jsonl::question+answer@0.15`, `code=/src/**/*.py@0.6`,
-    `notes.txt`. NAME defaults to the stem of the file or folder (the last folder before any glob).
+    `notes.txt`, `code=<stdlib>` (the running interpreter's standard library, as `default_sources`).
+    NAME defaults to the stem of the file or folder (the last folder before any glob).
     """
     rest, weight = spec, 1.0
     head, at, tail = spec.rpartition("@")
@@ -98,8 +100,11 @@ def parse_source(spec: str) -> Source:
     name = name or _default_name(path)
     if name is None:
         raise ValueError(f"source {spec!r}: cannot name it from its path; write NAME={rest}")
+    exclude = []
+    if path == STDLIB:
+        path, exclude = _stdlib_glob(), ["site-packages"]
     try:
-        return Source(name, path, field_names, weight)
+        return Source(name, path, field_names, weight, exclude)
     except ValueError as e:
         raise ValueError(f"source {spec!r}: {e}") from None
 
@@ -119,10 +124,13 @@ def _default_name(path: str) -> str | None:
     return stem if _NAME.fullmatch(stem) else None
 
 
+def _stdlib_glob() -> str:
+    return os.path.join(sysconfig.get_paths()["stdlib"], "**", "*.py")
+
+
 def default_sources() -> list[Source]:
     """The running interpreter's standard library (*.py, without site-packages): always there, no download."""
-    stdlib = sysconfig.get_paths()["stdlib"]
-    return [Source("stdlib", os.path.join(stdlib, "**", "*.py"), exclude=["site-packages"])]
+    return [parse_source(f"stdlib={STDLIB}")]
 
 
 def iter_documents(source: Source, stats: SourceStats) -> Iterator[str]:

@@ -2,7 +2,9 @@
 
 Tensors are keyed "<param name>/<state key>" (e.g. "layers.0.attn.q_proj.weight/momentum_buffer",
 "embed.weight/exp_avg", "embed.weight/step"); a parameter lives in exactly one optimizer, so the keys are
-unique. The metadata holds each optimizer's class and param groups (hyperparameters, lr, base_lr, names).
+unique. A state entry that is None (torch's SGD may hold a None "momentum_buffer") is left out: on load
+it is simply absent, which torch's optimizers read the same way. The metadata holds each optimizer's
+class and param groups (hyperparameters, lr, base_lr, names).
 Loading goes through torch's own `load_state_dict`, so a restored optimizer continues bit-identically.
 No pickle: everything is tensors, numbers, strings and lists.
 """
@@ -28,6 +30,8 @@ def optimizer_state_tensors(optimizers: list[torch.optim.Optimizer]) -> tuple[di
         names = [n for g in sd["param_groups"] for n in _param_names(g)]
         for idx, param_state in sd["state"].items():
             for key, value in param_state.items():
+                if value is None:  # SGD's "momentum_buffer" when it has none yet: absent reads the same
+                    continue
                 if not isinstance(value, torch.Tensor):
                     raise TypeError(f"{type(opt).__name__} state {names[idx]}/{key} is not a tensor: {value!r}")
                 tensors[f"{names[idx]}/{key}"] = value

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from slmforge.config import RunConfig, from_dict
-from slmforge.model import Transformer
+from slmforge.model import build_model
 from slmforge.tokenizer import Tokenizer, load_tokenizer
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -177,13 +177,13 @@ def read_trainer_state(checkpoint: Path) -> tuple[dict, dict[str, torch.Tensor],
     return (read_state(checkpoint), load_file(folder / "optimizer.safetensors"), load_file(folder / "rng.safetensors"))
 
 
-def load_checkpoint(path: str | Path) -> tuple[Transformer, RunConfig, Tokenizer]:
+def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, RunConfig, Tokenizer]:
     """(model, cfg, tokenizer) from a checkpoint folder, or the latest checkpoint of a run folder.
 
     The model is built from the checkpoint's own config.json, on the CPU in fp32, in eval mode.
     """
     checkpoint = resolve_checkpoint(path)
     cfg = read_config(checkpoint)
-    model = Transformer(cfg.model)
+    model = build_model(cfg.model)
     load_weights(model, load_file(checkpoint / "model.safetensors"), str(checkpoint / "model.safetensors"))
     return model.eval(), cfg, load_tokenizer(checkpoint)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from slmforge.config import ConfigError, PhaseConfig, RunConfig, check_vocab
 from slmforge.data.loader import TokenDataset, TrainBatches, val_batches
-from slmforge.model import Transformer
+from slmforge.model import build_model
 from slmforge.optim import (
     build_optimizers,
     load_optimizer_state,
@@ -139,7 +139,7 @@ class Trainer:
         self.dtype, self.dtype_reason = choose_dtype(cfg.train.dtype, d.device)
         self.autocast = autocast(d.device, self.dtype)
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank and every run
-        self.model = Transformer(cfg.model).to(d.device)
+        self.model = build_model(cfg.model).to(d.device)
         self.ddp = distributed.wrap(self.model, d)
         self.train_model = torch.compile(self.ddp) if cfg.train.compile else self.ddp
         self.byte_lengths = tokenizer.token_byte_lengths()
@@ -317,6 +317,7 @@ class Trainer:
         bar = tqdm(total=phase.steps, initial=self.progress.step, desc=phase.name, unit="step",
                    disable=not d.is_main, dynamic_ncols=True)
         record, result, start_val = {}, {}, None
+        train_s, steps_run = 0.0, 0  # time inside optimizer steps this session: no evaluation or checkpoints
         if self.progress.step == 0:  # the starting point, so a run shows how far its loss fell
             start_val = self.evaluate(phase, val)["loss"]
             self.log(f"{phase.name} step 0: val_loss {start_val:.4f}")
@@ -324,6 +325,7 @@ class Trainer:
             t0 = time.perf_counter()
             record = {"step": step + 1, "phase": phase.name, **self.train_step(phase, optimizers, batches, step)}
             dt = time.perf_counter() - t0
+            train_s, steps_run = train_s + dt, steps_run + 1
             self.progress.step = done = step + 1
             self.progress.tokens += tokens_per_step
             record.update(tokens=self.progress.tokens, tokens_per_s=tokens_per_step / dt, dt=dt)
@@ -344,6 +346,8 @@ class Trainer:
         bar.close()
         self.phase_reports.append({"name": phase.name, "steps": phase.steps, "final_loss": record.get("loss"),
                                    "start_val_loss": start_val, "val_loss": result.get("loss"), "val_bpb": result.get("bpb"),
+                                   "val_ppl": result.get("ppl"), "train_s": train_s,
+                                   "tokens_per_s": steps_run * tokens_per_step / train_s if train_s else None,
                                    "checkpoint": str(self.out / phase.name / f"step_{phase.steps}")})
         return optimizer_state_tensors(optimizers)
 
@@ -357,6 +361,7 @@ class Trainer:
             self.log(f"--resume: no checkpoint in {self.out}, starting from scratch")
             if self.d.is_main:
                 truncate_metrics(self.metrics.path, lambda line: False)
+        tokens_before = self.progress.tokens  # a resumed session's tokens/s counts only its own steps
         n_params = sum(p.numel() for p in self.model.parameters())
         self.log(f"{n_params:,} parameters on {self.d.device} x{self.d.world_size}; {self.dtype_reason}")
         if self.d.is_main:
@@ -365,12 +370,16 @@ class Trainer:
             if index > self.progress.phase_index:
                 self.progress.phase_index, self.progress.step = index, 0
             optimizer_state = self.run_phase(index, optimizer_state)
-        last = self.phases[-1]
+        last, final = self.phases[-1], (self.phase_reports or [{}])[-1]
+        train_s = sum(p["train_s"] for p in self.phase_reports)
         report = {
             "run_dir": str(self.out),
             "checkpoint": str(self.out / last.name / f"step_{last.steps}"),
             "phases": self.phase_reports,
             "tokens": self.progress.tokens,
+            "val_loss": final.get("val_loss"),
+            "val_bpb": final.get("val_bpb"),
+            "val_ppl": final.get("val_ppl"),
             "skipped_steps": self.progress.skipped_steps,
             "best_val_loss": self.progress.best_val_loss,
             "parameters": n_params,
@@ -379,6 +388,8 @@ class Trainer:
             "dtype": str(self.dtype).removeprefix("torch."),
             "dtype_reason": self.dtype_reason,
             "elapsed_s": time.perf_counter() - start,
+            "train_s": train_s,
+            "tokens_per_s": (self.progress.tokens - tokens_before) / train_s if train_s else None,
         }
         if self.d.is_main:
             (self.out / "report.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")

@@ -1,0 +1,120 @@
+"""Recipes: a seed card's whole training recipe (tokenizer, data, model, optimizer, schedule) in one YAML
+file, at a size that runs on 2 CPU cores in about 30 minutes, with the card's full size one flag away.
+
+A recipe file holds:
+    card:      what the card reports, quoted beside our result
+    extends:   another recipe whose mapping this one is merged over (optional)
+    tokenizer: {kind: bpe | byte, vocab_size, sources: [SPEC...] (default: the data sources), max_chars}
+    data:      {sources: [SPEC...] (default: the standard library), val_sources: [SPEC...], val_fraction,
+                max_tokens_per_source}
+    run:       a run config like a preset (`base:` a preset, model, optim, schedule, train, phases)
+    full:      merged over the recipe by `--full` (its tokenizer, data, run): the card's size, for a GPU
+
+SPEC is `[NAME=]PATH[::FIELD+FIELD][@WEIGHT]` as for `slmforge data prepare`; relative paths are read from
+the current folder. The tokenizer and the prepared data depend only on the tokenizer and data sections,
+so they are built once into a cache folder (SLMFORGE_CACHE, default ~/.cache/slmforge) and shared by
+every run of the recipe (e.g. the SGD and Lion runs of axl-code).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from slmforge.config import (
+    ConfigError,
+    apply_overrides,
+    deep_merge,
+    from_dict,
+    read_mapping,
+    with_base,
+)
+
+RECIPE_DIR = Path(__file__).parent
+SECTIONS = ("card", "extends", "tokenizer", "data", "run", "full")
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def load_recipe_raw(name_or_path: str) -> dict:
+    """A recipe's mapping with `extends` resolved; a ConfigError names an unknown recipe or section."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = RECIPE_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown recipe '{name_or_path}' (recipes: {', '.join(list_recipes())})")
+    raw = read_mapping(path)
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"recipe {path.name}: unknown section(s) {unknown} (sections: {', '.join(SECTIONS)})")
+    parent = raw.pop("extends", None)
+    return deep_merge(load_recipe_raw(parent), raw) if parent else raw
+
+
+def resolve_recipe(raw: dict, full: bool) -> dict:
+    """The recipe as it runs: with its `full` section merged over it when asked."""
+    return deep_merge(raw, raw.get("full") or {}) if full else raw
+
+
+def recipe_config(raw: dict, overrides: list[str]):
+    """The RunConfig of a resolved recipe: its `run` over the base preset it names, then the overrides."""
+    return from_dict(apply_overrides(with_base(raw.get("run") or {}), overrides))
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("SLMFORGE_CACHE", "~/.cache/slmforge")).expanduser() / "recipes"
+
+
+def prepare_recipe_data(name: str, raw: dict, cache: Path | None = None) -> Path:
+    """The recipe's tokenizer and prepared dataset, built once per distinct tokenizer+data spec; returns
+    the dataset folder (its tokenizer.json is the one trained for it)."""
+    from slmforge.data.prepare import prepare_dataset
+    from slmforge.data.sources import default_sources, parse_source
+    from slmforge.tokenizer import byte_tokenizer, train_bpe
+
+    tok, data = raw.get("tokenizer") or {"kind": "byte"}, raw.get("data") or {}
+    sources = [parse_source(s) for s in data.get("sources", [])] or default_sources()
+    val_sources = [parse_source(s) for s in data.get("val_sources", [])]
+    tok_sources = [parse_source(s) for s in tok.get("sources", [])] or sources
+    # The key holds resolved paths, so the same relative spec in another folder is another dataset.
+    spec = {"tokenizer": tok, "data": data,
+            "paths": [os.path.abspath(s.paths) for s in [*sources, *val_sources, *tok_sources]]}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    folder = (cache or _cache_root()) / f"{name}-{key}"
+    if (folder / "data" / "meta.json").is_file():
+        return folder / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    if tok.get("kind", "bpe") == "byte":
+        tokenizer = byte_tokenizer()
+    else:
+        tokenizer = train_bpe(tok_sources, tok.get("vocab_size", 8192), max_chars=tok.get("max_chars", 50_000_000))
+    prepare_dataset(sources, tokenizer, folder / "data", val_fraction=data.get("val_fraction", 0.01),
+                    max_tokens_per_source=data.get("max_tokens_per_source"), val_sources=val_sources)
+    (folder / "recipe-spec.json").write_text(json.dumps(spec, indent=2) + "\n")
+    return folder / "data"
+
+
+def run_recipe(name: str, out, overrides: list[str] | None = None, full: bool = False, resume: bool = False,
+               fresh: bool = False, cache: Path | None = None) -> dict:
+    """Prepare the recipe's data (once) and train it into run folder `out`; the report gains the card's
+    figure and the recipe's name. Returns the report."""
+    from slmforge.train import train
+    from slmforge.train.metrics import json_safe
+
+    raw = resolve_recipe(load_recipe_raw(name), full)
+    overrides = list(overrides or [])
+    recipe_config(raw, overrides)  # a bad config fails here, before any tokenizer is trained
+    data = prepare_recipe_data(Path(name).stem + ("-full" if full else ""), raw, cache)
+    cfg = recipe_config(raw, [f"data.path={data}", *overrides])
+    report = train(cfg, out, resume=resume, fresh=fresh)
+    report.update(recipe=Path(name).stem, full_size=full, card=raw.get("card"))
+    report_path = Path(out) / "report.json"
+    if report_path.is_file():
+        report_path.write_text(json.dumps(json_safe(report), indent=2) + "\n")
+    shutil.copy(data / "meta.json", Path(out) / "data-meta.json")
+    return report
