@@ -1,0 +1,91 @@
+"""The seed recipes: every file loads (also at full size) and trains 2 steps at its CPU size; a recipe's
+data section builds its tokenizer and dataset once and reuses them."""
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import sentences
+
+from slmforge.config import ConfigError, load_config
+from slmforge.data.prepare import prepare_dataset
+from slmforge.data.sources import Source
+from slmforge.recipes import list_recipes, load_recipe_raw, prepare_recipe_data, recipe_config, resolve_recipe
+from slmforge.tokenizer import byte_tokenizer
+from slmforge.train import train
+
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+EXPECTED = {"axion1-gsm8k", "axl-code-sgd", "axl-code-lion", "shard-40m", "codemind-1b", "nekomind-1.5"}
+
+
+@pytest.fixture(scope="module")
+def mixture(tmp_path_factory) -> Path:
+    """A small byte dataset whose sources carry the names the recipes' mixtures and phases use."""
+    root = tmp_path_factory.mktemp("mixture")
+    texts = sentences(12, 200)
+    sources = []
+    for name in ("code", "math", "general", "gsm8k", "stdlib"):
+        folder = root / "src" / name
+        folder.mkdir(parents=True)
+        for i, text in enumerate(texts):
+            (folder / f"{i}.txt").write_text(f"{name} {text}")
+        sources.append(Source(name, str(folder)))
+    prepare_dataset(sources, byte_tokenizer(), root / "data", val_fraction=0.25, progress=False)
+    return root / "data"
+
+
+def test_every_card_has_a_recipe():
+    assert EXPECTED <= set(list_recipes())
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_recipe_loads_at_both_sizes(name):
+    raw = load_recipe_raw(name)
+    assert raw.get("card") and raw.get("tokenizer") and raw.get("run")
+    small = recipe_config(resolve_recipe(raw, full=False), [])
+    big = recipe_config(resolve_recipe(raw, full=True), [])
+    assert sum(p.steps for p in small.run_phases()) <= sum(p.steps for p in big.run_phases())
+    assert resolve_recipe(raw, True)["tokenizer"].get("vocab_size", 258) <= big.model.vocab_size
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_recipe_trains_two_steps(name, mixture, tmp_path):
+    raw = resolve_recipe(load_recipe_raw(name), full=False)
+    steps = ["train.steps=2"] if not raw["run"].get("phases") else ["phases.0.steps=1", "phases.1.steps=1"]
+    cfg = recipe_config(raw, [f"data.path={mixture}", *steps, "train.eval_every=2", "train.eval_batches=1",
+                              "data.batch_size=2", "data.seq_len=64"])
+    report = train(cfg, tmp_path / "run")
+    assert report["tokens"] == 2 * 2 * 64
+    assert all(p["val_loss"] is not None and p["val_loss"] < 20 for p in report["phases"])
+
+
+def test_unknown_recipe_and_section(tmp_path):
+    with pytest.raises(ConfigError, match="unknown recipe 'axion2'.*axion1-gsm8k"):
+        load_recipe_raw("axion2")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("card: x\nrun: {base: tiny}\ntraining: {}\n")
+    with pytest.raises(ConfigError, match=r"unknown section\(s\) \['training'\]"):
+        load_recipe_raw(str(bad))
+
+
+def test_extends_merges_over_the_parent():
+    lion = recipe_config(resolve_recipe(load_recipe_raw("axl-code-lion"), False), [])
+    sgd = recipe_config(resolve_recipe(load_recipe_raw("axl-code-sgd"), False), [])
+    assert (lion.optim.name, sgd.optim.name) == ("lion", "sgd")
+    assert lion.model == sgd.model and lion.train.steps == sgd.train.steps  # equal steps: a fair comparison
+
+
+@pytest.mark.skipif(not GSM8K.is_dir(), reason=f"GSM8K is not at {GSM8K} (the shared data folder)")
+def test_axion_recipe_data_uses_gsm8k_test_for_validation(tmp_path):
+    raw = resolve_recipe(load_recipe_raw("axion1-gsm8k"), False)
+    raw["tokenizer"]["vocab_size"] = 300  # a quick BPE: the recipe's data path is what is tested
+    raw["tokenizer"]["sources"] = [f"gsm8k={GSM8K / 'train.jsonl'}::question+answer"]
+    raw["data"] = {"sources": [f"gsm8k={GSM8K / 'train.jsonl'}::question+answer"],
+                   "val_sources": [f"gsm8k={GSM8K / 'test.jsonl'}::question+answer"]}
+    data = prepare_recipe_data("axion1-gsm8k", raw, tmp_path)
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["vocab_size"] == 300 and meta["sources"]["gsm8k"]["documents"] == 7473 + 1319
+    assert prepare_recipe_data("axion1-gsm8k", raw, tmp_path) == data  # built once, then reused
+    assert len(list(tmp_path.iterdir())) == 1
+    assert load_config("axion1-350k").model.vocab_size >= meta["vocab_size"]
