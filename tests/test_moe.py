@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from slmforge.config import ModelConfig, MoEConfig, validate_model
 from slmforge.model.moe import MoE
 
-# d_model and expert width: multiples of 4 take the grouped-matmul path on CPU, the others the expert loop
-PATHS = {"grouped": (8, 12), "loop": (6, 10)}
+# d_model and expert width: two shapes, so a layout assumption tied to one shape shows
+PATHS = {"even": (8, 12), "odd": (6, 10)}
 
 
 def make(d=8, f=12, seed=0, **moe) -> MoE:
@@ -67,7 +67,6 @@ def test_matches_per_token_reference(path, routing):
     d, f = PATHS[path]
     layer = make(d, f, **routing)
     x = torch.randn(2, 7, d)
-    assert layer.experts._grouped(x) == (path == "grouped")
     y, aux = layer(x)
     assert y.shape == x.shape and aux["load"].sum() == 2 * 7 * layer.moe.top_k
     torch.testing.assert_close(y.double(), naive(layer, x), atol=1e-5, rtol=0)
