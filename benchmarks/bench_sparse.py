@@ -45,8 +45,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from bench_dense import cpu_name, interleaved
+
 from slmforge.config import OptimConfig, load_config
 from slmforge.hardware import keep_freed_memory
 from slmforge.infer import SamplingParams, generate_ids

@@ -125,7 +125,7 @@ def test_cached_decoding_matches_the_whole_sequence(model):
     cache = model.new_cache(2, 64)
     pieces = [model(tokens[:, :7], cache=cache)[0], model(tokens[:, 7:18], cache=cache)[0]]
     pieces += [model(tokens[:, i:i + 1], cache=cache)[0] for i in range(18, 41)]
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-4, rtol=0)  # |logits| < 5
 
 
 @torch.no_grad()
@@ -139,7 +139,7 @@ def test_left_padded_positions_match_each_sequence_alone(model):
         tokens[row, 12 - n:], positions[row, 12 - n:] = ids[0], torch.arange(n)
         rows.append(model(ids)[0][0, -1])
     logits, _ = model(tokens, positions, last_only=True)
-    torch.testing.assert_close(logits[:, -1], torch.stack(rows), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[:, -1], torch.stack(rows), atol=1e-4, rtol=0)
 
 
 @torch.no_grad()

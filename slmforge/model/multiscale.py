@@ -103,14 +103,11 @@ class MultiScaleCache:
     def add_bytes(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
         if positions.shape[0] != self.batch_size:
             raise ValueError(f"cache holds {self.batch_size} sequences, got a batch of {positions.shape[0]}")
-        if int(positions.max()) >= self.max_len:
-            raise ValueError(f"cache is full: position {int(positions.max())} requested, capacity {self.max_len}")
+        last = int(positions.max())
+        if last >= self.max_len:
+            raise ValueError(f"cache is full: position {last} requested, capacity {self.max_len}")
         self.bytes.scatter_(1, torch.where(positions >= 0, positions, self.max_len), tokens)
         self.lengths = torch.maximum(self.lengths, positions.max(dim=1).values + 1)
-
-    def nbytes(self) -> int:
-        kv = sum(c.nbytes() for c in self.scales)
-        return kv + sum(t.numel() * t.element_size() for t in (self.bytes, *self.outputs))
 
 
 def _stored(store: LayerKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -120,6 +117,9 @@ def _stored(store: LayerKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 class MultiScaleTransformer(nn.Module):
+    """Same interface as `Transformer`: forward(tokens, positions, cache, last_only, return_hidden),
+    new_cache, logits, reset_parameters; see the module docstring for the design."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         ms, d = cfg.multiscale, cfg.d_model
@@ -264,10 +264,10 @@ class MultiScaleTransformer(nn.Module):
                 k, v = layer.keys_values(h[b], steps[b].cross_rope)
             else:
                 store = cache.scales[b].layers[first_store + r * (n - 1) + a - (a > b)]
-                if steps[b] is None:
-                    k, v, key_coarse = _stored(store)
-                else:
+                if steps[b] is not None:  # store b's new keys even when a has no query this step
                     k, v, key_coarse = store.update(*layer.keys_values(h[b], steps[b].cross_rope))
+                elif steps[a] is not None:
+                    k, v, key_coarse = _stored(store)
             if steps[a] is None:
                 continue
             if (a, b) not in masks:
