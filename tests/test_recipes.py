@@ -15,6 +15,7 @@ from slmforge.recipes import (
     load_recipe_raw,
     prepare_recipe_data,
     recipe_config,
+    recipe_data_folder,
     resolve_recipe,
 )
 from slmforge.tokenizer import byte_tokenizer
@@ -80,6 +81,9 @@ def test_extends_merges_over_the_parent():
     sgd = recipe_config(resolve_recipe(load_recipe_raw("axl-code-sgd"), False), [])
     assert (lion.optim.name, sgd.optim.name) == ("lion", "sgd")
     assert lion.model == sgd.model and lion.train.steps == sgd.train.steps  # equal steps: a fair comparison
+    folders = {recipe_data_folder(resolve_recipe(load_recipe_raw(n), False), Path("/c")) for n in ("axl-code-sgd",
+                                                                                              "axl-code-lion")}
+    assert len(folders) == 1  # one prepared dataset for both
 
 
 @pytest.mark.skipif(not GSM8K.is_dir(), reason=f"GSM8K is not at {GSM8K} (the shared data folder)")
@@ -89,9 +93,9 @@ def test_axion_recipe_data_uses_gsm8k_test_for_validation(tmp_path):
     raw["tokenizer"]["sources"] = [f"gsm8k={GSM8K / 'train.jsonl'}::question+answer"]
     raw["data"] = {"sources": [f"gsm8k={GSM8K / 'train.jsonl'}::question+answer"],
                    "val_sources": [f"gsm8k={GSM8K / 'test.jsonl'}::question+answer"]}
-    data = prepare_recipe_data("axion1-gsm8k", raw, tmp_path)
+    data = prepare_recipe_data(raw, tmp_path)
     meta = json.loads((data / "meta.json").read_text())
     assert meta["vocab_size"] == 300 and meta["sources"]["gsm8k"]["documents"] == 7473 + 1319
-    assert prepare_recipe_data("axion1-gsm8k", raw, tmp_path) == data  # built once, then reused
+    assert prepare_recipe_data(raw, tmp_path) == data  # built once, then reused
     assert len(list(tmp_path.iterdir())) == 1
     assert load_config("axion1-350k").model.vocab_size >= meta["vocab_size"]

@@ -70,24 +70,38 @@ def _cache_root() -> Path:
     return Path(os.environ.get("SLMFORGE_CACHE", "~/.cache/slmforge")).expanduser() / "recipes"
 
 
-def prepare_recipe_data(name: str, raw: dict, cache: Path | None = None) -> Path:
-    """The recipe's tokenizer and prepared dataset, built once per distinct tokenizer+data spec; returns
-    the dataset folder (its tokenizer.json is the one trained for it)."""
-    from slmforge.data.prepare import prepare_dataset
+def _data_spec(raw: dict):
     from slmforge.data.sources import default_sources, parse_source
-    from slmforge.tokenizer import byte_tokenizer, train_bpe
 
     tok, data = raw.get("tokenizer") or {"kind": "byte"}, raw.get("data") or {}
     sources = [parse_source(s) for s in data.get("sources", [])] or default_sources()
     val_sources = [parse_source(s) for s in data.get("val_sources", [])]
     tok_sources = [parse_source(s) for s in tok.get("sources", [])] or sources
-    # The key holds resolved paths, so the same relative spec in another folder is another dataset.
+    return tok, data, sources, val_sources, tok_sources
+
+
+def recipe_data_folder(raw: dict, cache: Path | None = None) -> Path:
+    """Where the recipe's tokenizer and data live: one folder per distinct tokenizer+data spec, so
+    recipes with the same spec share it. The key holds resolved paths: the same relative spec read from
+    another folder is another dataset."""
+    tok, data, sources, val_sources, tok_sources = _data_spec(raw)
     spec = {"tokenizer": tok, "data": data,
             "paths": [os.path.abspath(s.paths) for s in [*sources, *val_sources, *tok_sources]]}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-    folder = (cache or _cache_root()) / f"{name}-{key}"
+    kind = "byte" if tok.get("kind", "bpe") == "byte" else f"bpe{tok.get('vocab_size', 8192)}"
+    return (cache or _cache_root()) / f"{kind}-{key}"
+
+
+def prepare_recipe_data(raw: dict, cache: Path | None = None) -> Path:
+    """The recipe's tokenizer and prepared dataset, built unless already there; returns the dataset
+    folder, whose tokenizer.json is the one trained for it."""
+    from slmforge.data.prepare import prepare_dataset
+    from slmforge.tokenizer import byte_tokenizer, train_bpe
+
+    folder = recipe_data_folder(raw, cache)
     if (folder / "data" / "meta.json").is_file():
         return folder / "data"
+    tok, data, sources, val_sources, tok_sources = _data_spec(raw)
     folder.mkdir(parents=True, exist_ok=True)
     if tok.get("kind", "bpe") == "byte":
         tokenizer = byte_tokenizer()
@@ -95,7 +109,6 @@ def prepare_recipe_data(name: str, raw: dict, cache: Path | None = None) -> Path
         tokenizer = train_bpe(tok_sources, tok.get("vocab_size", 8192), max_chars=tok.get("max_chars", 50_000_000))
     prepare_dataset(sources, tokenizer, folder / "data", val_fraction=data.get("val_fraction", 0.01),
                     max_tokens_per_source=data.get("max_tokens_per_source"), val_sources=val_sources)
-    (folder / "recipe-spec.json").write_text(json.dumps(spec, indent=2) + "\n")
     return folder / "data"
 
 
@@ -109,7 +122,7 @@ def run_recipe(name: str, out, overrides: list[str] | None = None, full: bool = 
     raw = resolve_recipe(load_recipe_raw(name), full)
     overrides = list(overrides or [])
     recipe_config(raw, overrides)  # a bad config fails here, before any tokenizer is trained
-    data = prepare_recipe_data(Path(name).stem + ("-full" if full else ""), raw, cache)
+    data = prepare_recipe_data(raw, cache)
     cfg = recipe_config(raw, [f"data.path={data}", *overrides])
     report = train(cfg, out, resume=resume, fresh=fresh)
     report.update(recipe=Path(name).stem, full_size=full, card=raw.get("card"))
