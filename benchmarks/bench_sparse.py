@@ -5,10 +5,10 @@
   python benchmarks/bench_sparse.py --quick                # tiny sizes, 1 repeat: a smoke test of seconds
 
 Everything runs in fp32 with the same thread count; variants are timed in interleaved turns (the median
-of `--repeats` after one warm-up), so load from other processes hits them alike.
+and the best of `--repeats` after one warm-up), so load from other processes hits them alike.
 
-Training: forward + backward + optimizer step on random tokens, batch x seq tokens per step, for three
-shapes against a transformers model of the same shape (its own random init, same std):
+Training: forward + backward + optimizer step on random tokens, batch x seq tokens per step (seq capped
+at the preset's max_seq_len, the batch grown to keep the tokens), for three shapes against a transformers model of the same shape (its own random init, same std):
   axion1-350k    vs DeepseekV3ForCausalLM; HF's MLA has no whole-head RoPE, so its head is split into
                  qk_nope = qk_rope = head_dim / 2 (same q/k width; HF also keeps latent RMSNorms and a
                  RoPE key in the kv latent, which Axion's form has not); n_group = topk_group = 1.
@@ -29,7 +29,7 @@ tensors in transformers' cache after a prefill.
 
 Decode: batch 1, greedy, KV cache: ours plain (`generate_ids`), ours with MTP self-speculation
 (`speculative_greedy`, whose output must equal plain greedy: checked), and transformers' `generate` of the
-same-shape DeepseekV3 (no MTP) as a reference. tokens/s = new tokens / wall time of the call (prefill
+same-shape DeepseekV3 (no MTP, no attention residuals) as a reference. tokens/s = new tokens / wall time of the call (prefill
 included). Random weights give the MTP drafter ~0 acceptance; `--checkpoint` measures a trained one.
 """
 
@@ -79,13 +79,14 @@ def hf_twin(cfg, experts_implementation: str | None = None):
     import transformers
 
     e = cfg.moe
-    common = dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-        moe_intermediate_size=e.expert_d_ff, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-        num_experts_per_tok=e.top_k, norm_topk_prob=e.norm_topk, max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_base}, attn_implementation="sdpa",
-        experts_implementation=experts_implementation)
+    common = {
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
+        "moe_intermediate_size": e.expert_d_ff, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_experts_per_tok": e.top_k, "norm_topk_prob": e.norm_topk,
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
+        "attn_implementation": "sdpa", "experts_implementation": experts_implementation}
     if cfg.attention == "mla":
         m = cfg.mla
         if e.shared_d_ff not in (0, e.expert_d_ff):
@@ -142,19 +143,19 @@ def bench_training(preset, overrides, turned_off, batch, seq_len, repeats, log) 
     def adamw(model):
         return [torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)]
 
-    ours = Transformer(cfg).train()
-    fns = {"slmforge, AdamW": train_step(ours, adamw(ours), ours_loss()),
-           "slmforge, Muon+AdamW": train_step(ours, build_optimizers(ours, OptimConfig()), ours_loss())}
+    ours, ours_muon = Transformer(cfg).train(), Transformer(cfg).train()
+    fns = {"slmforge": train_step(ours, adamw(ours), ours_loss()),
+           "slmforge, Muon+AdamW": train_step(ours_muon, build_optimizers(ours_muon, OptimConfig()), ours_loss())}
     if overrides:
         configured = Transformer(run_cfg.model).train()
-        fns[f"slmforge as configured (+ {turned_off}), AdamW"] = train_step(
+        fns[f"slmforge as configured (+ {turned_off}, z-loss)"] = train_step(
             configured, adamw(configured), ours_loss(run_cfg.train.z_loss, run_cfg.train.mtp_weight))
     default_model = hf_twin(cfg).train()
     default_impl = default_model.config._experts_implementation
     hf_names = {}
     for impl in EXPERT_IMPLS:
         model = default_model if impl == default_impl else hf_twin(cfg, impl).train()
-        hf_names[impl] = f"transformers {impl}{' (its default)' if impl == default_impl else ''}, AdamW"
+        hf_names[impl] = f"transformers {impl}{' (its default)' if impl == default_impl else ''}"
         fns[hf_names[impl]] = train_step(model, adamw(model), hf_loss)
     log(f"training {preset}: {len(fns)} variants x {repeats} interleaved steps of {batch}x{seq} tokens ...")
     times = interleaved(fns, repeats)
@@ -162,12 +163,13 @@ def bench_training(preset, overrides, turned_off, batch, seq_len, repeats, log) 
                    "tokens_per_s": batch * seq / statistics.median(t)} for name, t in times.items()}
     fastest = max(hf_names.values(), key=lambda name: rows[name]["tokens_per_s"])
     for row in rows.values():
-        row["vs_hf_default"] = row["tokens_per_s"] / rows[hf_names[default_impl]]["tokens_per_s"]
-        row["vs_hf_fastest"] = row["tokens_per_s"] / rows[fastest]["tokens_per_s"]
+        for ref, key in ((hf_names[default_impl], "vs_hf_default"), (fastest, "vs_hf_fastest")):
+            row[key] = rows[ref]["step_s"] / row["step_s"]
+            row[key + "_best"] = rows[ref]["step_s_best"] / row["step_s_best"]
     return {"batch": batch, "seq_len": seq, "overrides": overrides, "hf_model": type(default_model).__name__,
             "hf_default_experts": default_impl, "hf_fastest": fastest, "rows": rows,
-            "ratio_vs_hf_default": rows["slmforge, AdamW"]["vs_hf_default"],
-            "ratio_vs_hf_fastest": rows["slmforge, AdamW"]["vs_hf_fastest"]}
+            "ratio_vs_hf_default": rows["slmforge"]["vs_hf_default"],
+            "ratio_vs_hf_fastest": rows["slmforge"]["vs_hf_fastest"]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,7 +184,7 @@ def measured_kv(cfg, n_tokens: int) -> dict:
     ours = KVCache(layout, 1, n_tokens, dtype=torch.bfloat16).nbytes() / (n_tokens + 1)  # + 1 scratch slot
     hf = hf_twin(cfg).eval()
     tokens = torch.randint(0, cfg.vocab_size, (1, n_tokens))
-    cache = hf(input_ids=tokens, use_cache=True).past_key_values
+    cache = hf(input_ids=tokens, use_cache=True).cache
     values = sum(t.numel() for layer in cache.layers for t in (layer.keys, layer.values))
     return {"slmforge_bytes_per_token_bf16": ours, "transformers_bytes_per_token_bf16": 2 * values / n_tokens,
             "transformers_model": type(hf).__name__}
@@ -219,13 +221,14 @@ def bench_decode(model, hf, prompt: list[int], new_tokens: int, repeats: int, lo
         hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                     do_sample=False, use_cache=True, pad_token_id=0)
 
-    fns = {"slmforge greedy, KV cache": plain, "slmforge + MTP self-speculation": speculative,
-           f"transformers generate ({type(hf).__name__}, no MTP)": reference}
+    hf_name = f"transformers generate ({type(hf).__name__}, no MTP)"
+    fns = {"slmforge greedy, KV cache": plain, "slmforge + MTP self-speculation": speculative, hf_name: reference}
     log(f"decode: {len(fns)} variants x {repeats} runs of {new_tokens} tokens ...")
     times = interleaved(fns, repeats)
     spec = outputs["speculative"]
-    rows = {name: {"tokens_per_s": new_tokens / statistics.median(t), "ms_per_token": 1000 * statistics.median(t) / new_tokens,
-                   "run_s_all": t} for name, t in times.items()}
+    median = {name: statistics.median(t) for name, t in times.items()}
+    rows = {name: {"tokens_per_s": new_tokens / s, "ms_per_token": 1000 * s / new_tokens, "run_s_all": times[name],
+                   "vs_transformers": median[hf_name] / s} for name, s in median.items()}
     return {"new_tokens": new_tokens, "prompt_tokens": len(prompt), "rows": rows,
             "acceptance_rate": spec.acceptance_rate, "drafted": spec.drafted, "accepted": spec.accepted,
             "decoder_forwards": spec.decoder_forwards, "speculative_equals_greedy": spec.token_ids == outputs["plain"]}
@@ -244,7 +247,8 @@ def decode_setup(checkpoint: str | None, prompt_text: str, prompt_len: int):
         for name, p in model.named_parameters():
             if not name.endswith("norm.weight"):
                 p.normal_(0.0, 0.08)
-    return model, f"{DECODE_PRESET} (random weights)", torch.randint(0, model.cfg.vocab_size, (prompt_len,)).tolist(), False
+    prompt = torch.randint(0, model.cfg.vocab_size, (prompt_len,)).tolist()
+    return model, f"{DECODE_PRESET} (random weights)", prompt, False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256,
                         help="capped at a preset's max_seq_len, the batch grown to keep the tokens per step")
-    parser.add_argument("--repeats", type=int, default=9, help="timed training steps / decode runs per variant")
+    parser.add_argument("--repeats", type=int, default=15, help="timed training steps / decode runs per variant")
     parser.add_argument("--new-tokens", type=int, default=256, help="capped by the decode model's max_seq_len")
     parser.add_argument("--prompt-len", type=int, default=16, help="random prompt tokens (without --checkpoint)")
     parser.add_argument("--prompt", default="The", help="prompt text (with --checkpoint)")
@@ -304,19 +308,25 @@ def main(argv: list[str] | None = None) -> dict:
 
 def report(r: dict) -> str:
     m = r["machine"]
-    lines = [f"{m['cpu']} ({m['cores']} cores); torch {m['torch']}, transformers {m['transformers']}, "
-             f"{m['threads']} threads, fp32", "",
-             f"Training tokens/s: forward + backward + optimizer step, median of {r['repeats']}", "",
+    lines = [(f"{m['cpu']} ({m['cores']} cores); torch {m['torch']}, transformers {m['transformers']}, "
+              f"{m['threads']} threads, fp32"), "",
+             (f"Training: forward + backward + optimizer step (AdamW unless named), tokens/s and step ms of the "
+              f"median of {r['repeats']}; ratios = HF time / ours, median / best"), "",
              "| shape | model | tokens/s | step ms | best ms | vs HF default | vs HF fastest |",
              "|---|---|---:|---:|---:|---:|---:|"]
+
+    def ratios(row, key):
+        return f"{row[key]:.2f}x / {row[key + '_best']:.2f}x"
+
     for shape, t in r["train"].items():
         for name, row in t["rows"].items():
             lines.append(f"| {shape} ({t['batch']}x{t['seq_len']}) | {name} | {row['tokens_per_s']:,.0f} | "
-                         f"{1000 * row['step_s']:.0f} | {1000 * row['step_s_best']:.0f} | {row['vs_hf_default']:.2f}x | {row['vs_hf_fastest']:.2f}x |")
+                         f"{1000 * row['step_s']:.0f} | {1000 * row['step_s_best']:.0f} | "
+                         f"{ratios(row, 'vs_hf_default')} | {ratios(row, 'vs_hf_fastest')} |")
     lines += ["", "transformers models: " + ", ".join(f"{s}: {t['hf_model']}" for s, t in r["train"].items())
               + "; axion1's whole-head RoPE runs as qk_nope = qk_rope = head_dim / 2 in DeepseekV3.", "",
-              "KV cache per token, bf16 (model_stats; measured = bytes allocated, ours KVCache.nbytes(), "
-              "transformers' cache after a 64-token prefill)", "",
+              ("KV cache per token, bf16 (model_stats; measured = bytes allocated, ours KVCache.nbytes(), "
+               "transformers' cache after a 64-token prefill)"), "",
               "| preset | latent cache | per-head K and V | saving | measured: ours | measured: transformers |",
               "|---|---:|---:|---:|---:|---:|"]
     for name, k in r["kv_cache"].items():
@@ -327,8 +337,9 @@ def report(r: dict) -> str:
                      f"{k['per_head_kv_bytes_per_token_bf16'] / k['latent_bytes_per_token_bf16']:.1f}x | {measured} |")
     d = r["decode"]
     lines += ["", f"Greedy decode, batch 1, {d['model']}, prompt {d['prompt_tokens']}, {d['new_tokens']} new tokens",
-              "", "| decoder | tokens/s | ms/token |", "|---|---:|---:|"]
-    lines += [f"| {name} | {row['tokens_per_s']:,.1f} | {row['ms_per_token']:.2f} |" for name, row in d["rows"].items()]
+              "", "| decoder | tokens/s | ms/token | vs transformers |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {row['tokens_per_s']:,.1f} | {row['ms_per_token']:.2f} | {row['vs_transformers']:.2f}x |"
+              for name, row in d["rows"].items()]
     lines += ["", f"MTP drafts accepted: {d['accepted']}/{d['drafted']} ({d['acceptance_rate']:.0%}), "
               f"{d['decoder_forwards']} decoder forwards after the prompt"
               + ("" if d["trained_weights"] else " (random weights: acceptance is near 0 by construction; "

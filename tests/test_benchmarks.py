@@ -29,3 +29,24 @@ def test_bench_dense_quick(tmp_path):
     for name in ("slmforge generate_ids", "slmforge bare loop", "transformers generate"):
         assert result["decode"][name]["tokens_per_s"] > 0
     assert result["train_ratio"] > 0 and result["decode_ratio"] > 0
+
+
+@pytest.mark.slow
+def test_bench_sparse_quick(tmp_path):
+    pytest.importorskip("transformers", reason="the benchmark compares against transformers (pip install -e '.[bench]')")
+    out = tmp_path / "sparse.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_sparse.py"), "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| slmforge |" in proc.stdout and "speculative output equals plain greedy output: yes" in proc.stdout
+    result = json.loads(out.read_text())
+    for key in ("machine", "dtype", "train", "kv_cache", "decode"):
+        assert key in result, key
+    for shape in result["train"].values():
+        assert shape["ratio_vs_hf_default"] > 0 and shape["ratio_vs_hf_fastest"] > 0
+        assert shape["hf_default_experts"] and all(row["tokens_per_s"] > 0 for row in shape["rows"].values())
+    kv = result["kv_cache"]["codemind-tiny"]
+    assert kv["latent_bytes_per_token_bf16"] < kv["per_head_kv_bytes_per_token_bf16"]
+    assert kv["measured"]["slmforge_bytes_per_token_bf16"] == kv["latent_bytes_per_token_bf16"]
+    decode = result["decode"]
+    assert decode["speculative_equals_greedy"] and all(row["tokens_per_s"] > 0 for row in decode["rows"].values())
