@@ -68,7 +68,7 @@ def test_matches_per_token_reference(path, routing):
     layer = make(d, f, **routing)
     x = torch.randn(2, 7, d)
     y, aux = layer(x)
-    assert y.shape == x.shape and aux["load"].sum() == 2 * 7 * layer.moe.top_k
+    assert y.shape == x.shape and aux["load"].sum() == 2 * 7 * layer.moe.top_k and aux["dropped"] == 0
     torch.testing.assert_close(y.double(), naive(layer, x), atol=1e-5, rtol=0)
 
 

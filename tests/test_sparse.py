@@ -159,6 +159,7 @@ def test_moe_mtp_resume_is_exact_and_biases_move(tmp_path, byte_data, monkeypatc
              for run in "ab"}
     steps = [line for line in lines["a"] if "loss" in line]
     assert len(steps) == 6 and all("mtp_loss" in s and "moe_load_cv" in s for s in steps)
+    assert all(s["moe_dropped_tokens"] == 0 for s in steps)
     assert len(steps[0]["moe_load"]) == 5 and sum(steps[0]["moe_load"][0]) == pytest.approx(1.0, abs=1e-3)
     for a, b in zip(lines["a"], lines["b"]):
         for key in ("loss", "mtp_loss", "balance_loss", "val_loss", "moe_load_cv"):

@@ -130,7 +130,8 @@ class Transformer(nn.Module):
         positions [B, T] are absolute positions (-1 marks padding); by default 0..T-1, or, with a cache,
         the continuation of each cached sequence. aux holds "mtp_logits" (in training mode without a
         cache: a list, depth k's [B, T - k, V] predicting token i + k + 1), "expert_load"
-        [n_moe_layers, n_experts] and "balance_loss" for MoE models, and "hidden" (the final hidden state
+        [n_moe_layers, n_experts], "expert_dropped" (routed pairs not computed: 0) and "balance_loss" for
+        MoE models, and "hidden" (the final hidden state
         before the norm, [B, T, d]) when asked.
         """
         T = tokens.shape[1]
@@ -156,6 +157,7 @@ class Transformer(nn.Module):
             aux["mtp_logits"] = self._mtp_logits(x, tokens, rope, masks, moe_stats)
         if moe_stats:
             aux["expert_load"] = torch.stack([s["load"] for s in moe_stats])
+            aux["expert_dropped"] = sum(s["dropped"] for s in moe_stats)
             losses = [s["balance_loss"] for s in moe_stats if "balance_loss" in s]
             if losses:
                 aux["balance_loss"] = sum(losses) / len(losses)

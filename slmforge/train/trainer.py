@@ -206,6 +206,7 @@ class Trainer:
         accum = self.cfg.train.grad_accum
         totals: dict[str, torch.Tensor] = {}
         expert_load = None  # [n_moe_layers, n_experts] tokens routed over the step (MoE models)
+        dropped = 0
         for micro in range(accum):
             x, y = (t.to(self.d.device, non_blocking=True) for t in batches.get(step, micro))
             with distributed.grad_sync(self.ddp, sync=micro == accum - 1):
@@ -217,6 +218,7 @@ class Trainer:
                 totals[name] = totals.get(name, 0) + value / accum
             if "expert_load" in aux:
                 expert_load = aux["expert_load"] if expert_load is None else expert_load + aux["expert_load"]
+                dropped += aux["expert_dropped"]
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         losses = distributed.all_reduce_mean(torch.stack(list(totals.values())).float(), self.d).tolist()
@@ -234,7 +236,7 @@ class Trainer:
             expert_load = distributed.all_reduce_sum(expert_load.float(), self.d)
             if not record["skipped"]:  # every rank applies the same update: the biases stay identical
                 self.model.update_routing_biases(expert_load)
-            record.update(load_metrics(expert_load))
+            record.update(load_metrics(expert_load), moe_dropped_tokens=dropped)
         record["lr"] = {g["name"]: g["lr"] for opt in optimizers for g in opt.param_groups}
         return record
 
