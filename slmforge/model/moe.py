@@ -124,6 +124,7 @@ class MoE(nn.Module):
         counts = torch.bincount(flat, minlength=E)
         pairs = h.unsqueeze(1).expand(-1, k, -1).reshape(-1, d)  # row i*k + j: token i's j-th choice
         out = self.experts(_Permute.apply(pairs, order, inverse), counts, gen_splits)
+        computed = out.shape[0]
         out = _Permute.apply(out, inverse, order).view(-1, k, d)
         y = (out * weights.to(out.dtype).unsqueeze(-1)).sum(dim=1).view(B, T, d)
         if self.shared_expert is not None:
@@ -133,7 +134,7 @@ class MoE(nn.Module):
             y = y + shared
         # (token, choice) pairs routed but not computed: none by construction (no capacity limit), counted
         # from what the experts returned so a change that drops tokens shows in the metrics
-        aux = {"load": counts.float(), "dropped": flat.numel() - out.shape[0]}
+        aux = {"load": counts.float(), "dropped": flat.numel() - computed}
         if self.moe.balance_loss > 0:
             aux["balance_loss"] = self.moe.balance_loss * self.balance_loss(scores.view(B, T, E), chosen.view(B, T, k))
         return y, aux
