@@ -1,10 +1,15 @@
 """Small builders shared by the training tests."""
 
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from slmforge.data.prepare import prepare_dataset
 from slmforge.data.sources import Source
 from slmforge.tokenizer import byte_tokenizer
+from slmforge.train import train
+from slmforge.train.trainer import Trainer
 
 WORDS = "the a quick brown fox dog jumps over lazy river stone light green small tall tree".split()
 
@@ -21,3 +26,27 @@ def make_dataset(folder: Path, texts: list[str], val_fraction: float = 0.25) -> 
 
 def sentences(n_docs: int = 24, words: int = 120) -> list[str]:
     return [" ".join(WORDS[(7 * d + 3 * i + i * i) % len(WORDS)] for i in range(words)) + "." for d in range(n_docs)]
+
+
+class Crash(Exception):
+    """Raised inside a training step to simulate a run that dies."""
+
+
+def crash_then_resume(cfg, out: Path, crashes: Callable[[str, int], bool], monkeypatch,
+                      before_resume: Callable[[], None] | None = None) -> dict:
+    """Train `cfg` into `out` until `crashes(phase name, step)` says so, then resume it; the resumed
+    run's report. `before_resume` runs in between (with the real training step back in place)."""
+    real_step = Trainer.train_step
+
+    def crashing_step(self, phase, optimizers, batches, step):
+        if crashes(phase.name, step):
+            raise Crash
+        return real_step(self, phase, optimizers, batches, step)
+
+    monkeypatch.setattr(Trainer, "train_step", crashing_step)
+    with pytest.raises(Crash):
+        train(cfg, out)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    if before_resume is not None:
+        before_resume()
+    return train(cfg, out, resume=True)

@@ -1,4 +1,4 @@
-"""benchmarks/bench_dense.py --quick runs end to end and writes the JSON it promises."""
+"""The benchmark scripts' --quick runs go end to end and write the JSON they promise."""
 
 import json
 import subprocess
@@ -10,14 +10,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_bench_dense_quick(tmp_path):
+def run_quick(script: str, out: Path) -> str:
+    """Run benchmarks/<script> --quick; its stdout."""
     pytest.importorskip("transformers", reason="the benchmark compares against transformers (pip install -e '.[bench]')")
-    out = tmp_path / "dense.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_dense.py"), "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| slmforge |" in proc.stdout and "| transformers generate |" in proc.stdout
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_dense_quick(tmp_path):
+    out = tmp_path / "dense.json"
+    stdout = run_quick("bench_dense.py", out)
+    assert "| slmforge |" in stdout and "| transformers generate |" in stdout
     result = json.loads(out.read_text())
     for key in ("machine", "dtype", "dtype_reason", "matmul_peak_flops", "memory_bandwidth_bytes_per_s", "train",
                 "decode", "train_ratio", "decode_ratio"):
@@ -33,12 +39,9 @@ def test_bench_dense_quick(tmp_path):
 
 @pytest.mark.slow
 def test_bench_sparse_quick(tmp_path):
-    pytest.importorskip("transformers", reason="the benchmark compares against transformers (pip install -e '.[bench]')")
     out = tmp_path / "sparse.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_sparse.py"), "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| slmforge |" in proc.stdout and "speculative output equals plain greedy output: yes" in proc.stdout
+    stdout = run_quick("bench_sparse.py", out)
+    assert "| slmforge |" in stdout and "speculative output equals plain greedy output: yes" in stdout
     result = json.loads(out.read_text())
     for key in ("machine", "dtype", "train", "kv_cache", "decode"):
         assert key in result, key

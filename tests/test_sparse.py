@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import make_dataset, sentences
+from helpers import crash_then_resume, make_dataset, sentences
 from safetensors.torch import load_file
 
 from slmforge.config import load_config
@@ -16,7 +16,6 @@ from slmforge.model.stats import model_stats
 from slmforge.optim import build_optimizers
 from slmforge.train import train
 from slmforge.train.loss import lm_loss
-from slmforge.train.trainer import Trainer
 
 
 def test_nekomind_counts():
@@ -134,26 +133,11 @@ def byte_data(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("sparse-data"), sentences())
 
 
-class Crash(Exception):
-    pass
-
-
 def test_moe_mtp_resume_is_exact_and_biases_move(tmp_path, byte_data, monkeypatch):
     overrides = [f"data.path={byte_data}", "train.steps=6", "train.save_every=3", "train.eval_every=3"]
     cfg = load_config("codemind-tiny", overrides)
     train(cfg, tmp_path / "a")
-    real_step = Trainer.train_step
-
-    def crashing_step(self, phase, optimizers, batches, step):
-        if step == 4:
-            raise Crash
-        return real_step(self, phase, optimizers, batches, step)
-
-    monkeypatch.setattr(Trainer, "train_step", crashing_step)
-    with pytest.raises(Crash):
-        train(cfg, tmp_path / "b")
-    monkeypatch.setattr(Trainer, "train_step", real_step)
-    train(cfg, tmp_path / "b", resume=True)
+    crash_then_resume(cfg, tmp_path / "b", lambda phase, step: step == 4, monkeypatch)
 
     lines = {run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
              for run in "ab"}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_dataset, sentences
+from helpers import crash_then_resume, make_dataset, sentences
 from safetensors.torch import load_file
 
 import slmforge.train.trainer as trainer_module
@@ -14,7 +14,6 @@ from slmforge.config import ConfigError, load_config
 from slmforge.train import TrainingError, evaluate, precision, train
 from slmforge.train.loss import lm_loss
 from slmforge.train.precision import choose_dtype
-from slmforge.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -176,10 +175,6 @@ def test_repeated_nonfinite_steps_stop_the_run(tmp_path, data, monkeypatch):
 # exact resume
 
 
-class Crash(Exception):
-    pass
-
-
 def _two_phases(data: Path, cfg_dir: Path):
     """A run of two phases (4 + 5 steps), checkpoints every 3 steps, schedules of their own."""
     raw = {
@@ -209,20 +204,13 @@ def _comparable(lines: list[dict]) -> list[tuple]:
 def test_resume_is_exact(tmp_path, data, uninterrupted, monkeypatch, crash_at):
     """Crash before step crash_at (inside a phase, right after a phase's end), resume, compare every loss."""
     cfg = _two_phases(data, tmp_path)
-    real_step = Trainer.train_step
 
-    def crashing_step(self, phase, optimizers, batches, step):
-        if (phase.name, step) == crash_at:
-            raise Crash
-        return real_step(self, phase, optimizers, batches, step)
+    def refuses_without_resume():
+        with pytest.raises(TrainingError, match="--resume"):
+            train(cfg, tmp_path / "run")
 
-    monkeypatch.setattr(Trainer, "train_step", crashing_step)
-    with pytest.raises(Crash):
-        train(cfg, tmp_path / "run")
-    monkeypatch.setattr(Trainer, "train_step", real_step)
-    with pytest.raises(TrainingError, match="--resume"):
-        train(cfg, tmp_path / "run")
-    report = train(cfg, tmp_path / "run", resume=True)
+    report = crash_then_resume(cfg, tmp_path / "run", lambda phase, step: (phase, step) == crash_at, monkeypatch,
+                               refuses_without_resume)
 
     expected = [json.loads(l) for l in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     got = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -260,18 +248,7 @@ def test_lion_and_sgd_resume_exactly(tmp_path, data, monkeypatch, overrides):
     """4 steps straight vs a crash before step 3 and a resume from the step-2 checkpoint: the same losses."""
     cfg = tiny(data, *overrides, "train.steps=4", "train.save_every=2", "train.eval_every=100")
     train(cfg, tmp_path / "straight")
-    real_step = Trainer.train_step
-
-    def crashing_step(self, phase, optimizers, batches, step):
-        if step == 2:
-            raise Crash
-        return real_step(self, phase, optimizers, batches, step)
-
-    monkeypatch.setattr(Trainer, "train_step", crashing_step)
-    with pytest.raises(Crash):
-        train(cfg, tmp_path / "run")
-    monkeypatch.setattr(Trainer, "train_step", real_step)
-    train(cfg, tmp_path / "run", resume=True)
+    crash_then_resume(cfg, tmp_path / "run", lambda phase, step: step == 2, monkeypatch)
 
     expected, got = step_lines(tmp_path / "straight"), step_lines(tmp_path / "run")
     assert [l["step"] for l in got] == [1, 2, 3, 4]
