@@ -66,6 +66,24 @@ def test_mtp_logits_and_loss():
     assert "mtp_logits" not in model(tokens)[1]  # evaluation and generation skip the MTP modules
 
 
+@pytest.mark.parametrize("p", [3, 8, 14])
+def test_mtp_logits_see_no_later_token(p):
+    """MTP depth 1 at position i reads tokens <= i + 1: changing token p moves nothing before p - 1."""
+    torch.manual_seed(5)
+    model = Transformer(load_config("codemind-tiny", ["model.residual=attnres_full"]).model).train()
+    with torch.no_grad():
+        for param in model.residual.parameters():
+            param.normal_(0.0, 0.5)
+    tokens = torch.randint(0, 512, (1, 16))
+    changed = tokens.clone()
+    changed[0, p] = (changed[0, p] + 1) % 512
+    with torch.no_grad():
+        (before,), (after,) = model(tokens)[1]["mtp_logits"], model(changed)[1]["mtp_logits"]
+    # equal up to float noise: a changed token routes differently, which changes the experts' matmul sizes
+    torch.testing.assert_close(before[:, :p - 1], after[:, :p - 1], atol=1e-5, rtol=0)
+    assert not torch.allclose(before[:, p - 1], after[:, p - 1])  # position p - 1 reads token p
+
+
 def test_optimizer_groups_for_sparse_parts():
     model = Transformer(load_config("codemind-tiny").model)
     groups = {g["name"]: set(g["param_names"]) for opt in build_optimizers(model, load_config("codemind-tiny").optim)
