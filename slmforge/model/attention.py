@@ -36,6 +36,35 @@ def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) 
     return allowed.unsqueeze(1)
 
 
+def memo_mask(masks: dict | None, key: tuple, build) -> torch.Tensor:
+    """The mask under `key` in the per-forward memo the layers share (None: no memo), built on first use."""
+    mask = None if masks is None else masks.get(key)
+    if mask is None:
+        mask = build()
+        if masks is not None:
+            masks[key] = mask
+    return mask
+
+
+def cache_mask(masks: dict | None, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, capacity: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The additive [B, 1, T, S] mask of a cached step (SDPA would convert a boolean one the same way on
+    every call), memoised per attention kind and cache size."""
+
+    def build():
+        allowed = position_mask(q_pos, k_pos, window)
+        return torch.zeros(allowed.shape, dtype=dtype, device=q_pos.device).masked_fill_(~allowed, -math.inf)
+
+    return memo_mask(masks, ("cache", window, capacity, k_pos.shape[1]), build)
+
+
+def window_mask(masks: dict | None, seq_len: int, window: int | None, device) -> torch.Tensor | None:
+    """The [T, T] sliding-window mask of an uncached forward, or None where plain causal attention serves."""
+    if window is None or window >= seq_len:
+        return None
+    return memo_mask(masks, ("sliding", window, seq_len), lambda: sliding_window_mask(seq_len, window, device))
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, window: int | None):
         super().__init__()
@@ -86,25 +115,10 @@ class Attention(nn.Module):
         if kv is not None:
             q_pos = kv.cache.step.positions
             k, v, k_pos = kv.update(k, v)
-            key = ("cache", self.window, kv.capacity, k_pos.shape[1])
-            mask = None if masks is None else masks.get(key)
-            if mask is None:
-                # Additive float mask: SDPA would convert a boolean one the same way on every call.
-                allowed = position_mask(q_pos, k_pos, self.window)
-                mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, -math.inf)
-                if masks is not None:
-                    masks[key] = mask
-            causal = False
-        elif self.window is not None and self.window < T:
-            key = ("sliding", self.window, T)
-            mask = None if masks is None else masks.get(key)
-            if mask is None:
-                mask = sliding_window_mask(T, self.window, x.device)
-                if masks is not None:
-                    masks[key] = mask
-            causal = False
+            mask, causal = cache_mask(masks, q_pos, k_pos, self.window, kv.capacity, q.dtype), False
         else:
-            mask, causal = None, True
+            mask = window_mask(masks, T, self.window, x.device)
+            causal = mask is None
         y = self._attend(q, k, v, mask, causal)
         y = y.transpose(1, 2).reshape(B, T, H * D)
         if gen_splits is None:

@@ -26,21 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmforge.config import ModelConfig
-from slmforge.model.attention import position_mask, sliding_window_mask
+from slmforge.model.attention import cache_mask, window_mask
 from slmforge.model.cache import LayerKV
 from slmforge.model.ffn import FusedCopy, decode_linear
 from slmforge.model.norm import RMSNorm
 from slmforge.model.rope import RotaryEmbedding, rope
-
-
-def _memo(masks: dict | None, key: tuple, build) -> torch.Tensor:
-    """The mask under `key` in the per-forward memo shared with the other layers, built on first use."""
-    mask = None if masks is None else masks.get(key)
-    if mask is None:
-        mask = build()
-        if masks is not None:
-            masks[key] = mask
-    return mask
 
 
 class MLAttention(nn.Module):
@@ -119,23 +109,14 @@ class MLAttention(nn.Module):
 
         if kv is None:
             k, v = self._expand(c_kv, k_rope if self.decoupled else rope_tables)
-            if self.window is not None and self.window < T:
-                mask = _memo(masks, ("sliding", self.window, T), lambda: sliding_window_mask(T, self.window, x.device))
-            else:
-                mask = None
+            mask = window_mask(masks, T, self.window, x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         else:
             if self.decoupled:
                 c_all, k_rope_all, k_pos = kv.update(c_kv.unsqueeze(1), k_rope.transpose(1, 2))
             else:
                 c_all, k_pos = kv.update(c_kv.unsqueeze(1))
-            q_pos = kv.cache.step.positions
-
-            def build():  # additive float mask, as attention.py builds it (the memo is shared)
-                allowed = position_mask(q_pos, k_pos, self.window)
-                return torch.zeros(allowed.shape, dtype=latent.dtype, device=x.device).masked_fill_(~allowed, -math.inf)
-
-            mask = _memo(masks, ("cache", self.window, kv.capacity, k_pos.shape[1]), build)
+            mask = cache_mask(masks, kv.cache.step.positions, k_pos, self.window, kv.capacity, latent.dtype)
             if latent_attention:
                 y = self._absorbed(q_nope, q_rope, c_all, k_rope_all, mask)
             else:
