@@ -231,7 +231,7 @@ def bench_decode(model, hf, prompt: list[int], new_tokens: int, repeats: int, lo
                    "vs_transformers": median[hf_name] / s} for name, s in median.items()}
     return {"new_tokens": new_tokens, "prompt_tokens": len(prompt), "rows": rows,
             "acceptance_rate": spec.acceptance_rate, "drafted": spec.drafted, "accepted": spec.accepted,
-            "decoder_forwards": spec.decoder_forwards, "speculative_equals_greedy": spec.token_ids == outputs["plain"]}
+            "decoder_forwards": spec.drafted, "speculative_equals_greedy": spec.token_ids == outputs["plain"]}
 
 
 def decode_setup(checkpoint: str | None, prompt_text: str, prompt_len: int):

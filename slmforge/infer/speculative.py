@@ -20,9 +20,8 @@ import torch
 class SpeculativeResult:
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS) or "length"
-    drafted: int  # draft tokens proposed
+    drafted: int  # draft tokens proposed: one per decoder forward after the prompt
     accepted: int  # draft tokens the decoder agreed with
-    decoder_forwards: int  # after the prompt
     seconds: float
 
     @property
@@ -58,12 +57,11 @@ def speculative_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_id
     out.append(token)
     # the MTP module's pending pairs: decoder hidden states at i and the tokens at i + 1
     hidden, following = aux["hidden"], torch.cat((prompt[:, 1:], prompt.new_tensor([[token]])), dim=1)
-    drafted = accepted = forwards = 0
+    drafted = accepted = 0
     while len(out) < max_new_tokens and token != eos_id:
         draft_logits, _ = model.draft(hidden, following, mtp_cache)
         draft = choose(draft_logits[0, -1])
         logits, aux = model(prompt.new_tensor([[token, draft]]), cache=cache, return_hidden=True)
-        forwards += 1
         drafted += 1
         verified = choose(logits[0, 0])
         if verified == draft and draft != eos_id and len(out) + 1 < max_new_tokens:
@@ -79,4 +77,4 @@ def speculative_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_id
     if eos_id in out:
         out = out[:out.index(eos_id) + 1]
     reason = "stop" if out and out[-1] == eos_id else "length"
-    return SpeculativeResult(out[:max_new_tokens], reason, drafted, accepted, forwards, time.perf_counter() - start)
+    return SpeculativeResult(out[:max_new_tokens], reason, drafted, accepted, time.perf_counter() - start)
