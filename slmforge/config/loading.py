@@ -142,7 +142,23 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    return list_yaml(PRESET_DIR)
+
+
+def list_yaml(folder: Path) -> list[str]:
+    """The names of the YAML files shipped in `folder` (presets, recipes)."""
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def find_yaml(name_or_path: str, folder: Path, kind: str) -> Path:
+    """A file path, or the YAML named `name_or_path` in `folder`; a ConfigError lists the `kind`s there."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    path = folder / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown {kind} '{name_or_path}' ({kind}s: {', '.join(list_yaml(folder))})")
+    return path
 
 
 def read_mapping(path: Path) -> dict:
@@ -162,12 +178,7 @@ def read_mapping(path: Path) -> dict:
 
 def load_raw(preset_or_path: str) -> dict:
     """The raw mapping of a preset name or a YAML/JSON file, with `base:` presets merged in."""
-    path = Path(preset_or_path)
-    if not path.is_file():
-        path = PRESET_DIR / f"{preset_or_path}.yaml"
-        if not path.is_file():
-            raise ConfigError(f"unknown preset or file '{preset_or_path}' (presets: {', '.join(list_presets())})")
-    return with_base(read_mapping(path))
+    return with_base(read_mapping(find_yaml(preset_or_path, PRESET_DIR, "preset")))
 
 
 def with_base(raw: dict) -> dict:

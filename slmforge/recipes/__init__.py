@@ -28,7 +28,9 @@ from slmforge.config import (
     ConfigError,
     apply_overrides,
     deep_merge,
+    find_yaml,
     from_dict,
+    list_yaml,
     read_mapping,
     with_base,
 )
@@ -38,16 +40,12 @@ SECTIONS = ("card", "extends", "tokenizer", "data", "run", "full")
 
 
 def list_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+    return list_yaml(RECIPE_DIR)
 
 
 def load_recipe_raw(name_or_path: str) -> dict:
     """A recipe's mapping with `extends` resolved; a ConfigError names an unknown recipe or section."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = RECIPE_DIR / f"{name_or_path}.yaml"
-        if not path.is_file():
-            raise ConfigError(f"unknown recipe '{name_or_path}' (recipes: {', '.join(list_recipes())})")
+    path = find_yaml(name_or_path, RECIPE_DIR, "recipe")
     raw = read_mapping(path)
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
