@@ -110,7 +110,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, gen_splits: int | None = None) -> tuple[torch.Tensor, dict]:
         """x [B, T, d] -> (y [B, T, d], aux): aux["load"] [E] float, tokens routed to each expert (detached);
         aux["dropped"], routed (token, choice) pairs no expert computed (0);
-        aux["balance_loss"], alpha times the sequence-wise balance loss, when moe.balance_loss > 0."""
+        aux["balance_loss"], alpha times the sequence-wise balance loss, when moe.balance_loss > 0 and autograd is on."""
         B, T, d = x.shape
         E, k = self.moe.n_experts, self.moe.top_k
         h = x.reshape(B * T, d)
@@ -135,7 +135,7 @@ class MoE(nn.Module):
         # (token, choice) pairs routed but not computed: none by construction (no capacity limit), counted
         # from what the experts returned so a change that drops tokens shows in the metrics
         aux = {"load": counts.float(), "dropped": flat.numel() - computed}
-        if self.moe.balance_loss > 0:
+        if self.moe.balance_loss > 0 and torch.is_grad_enabled():  # a training loss: skipped in eval/decoding
             aux["balance_loss"] = self.moe.balance_loss * self.balance_loss(scores.view(B, T, E), chosen.view(B, T, k))
         return y, aux
 
