@@ -110,7 +110,8 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, gen_splits: int | None = None) -> tuple[torch.Tensor, dict]:
         """x [B, T, d] -> (y [B, T, d], aux): aux["load"] [E] float, tokens routed to each expert (detached);
         aux["dropped"], routed (token, choice) pairs no expert computed (0);
-        aux["balance_loss"], alpha times the sequence-wise balance loss, when moe.balance_loss > 0 and autograd is on."""
+        aux["balance_loss"], alpha times the sequence-wise balance loss, when moe.balance_loss > 0 and
+        autograd is on."""
         B, T, d = x.shape
         E, k = self.moe.n_experts, self.moe.top_k
         h = x.reshape(B * T, d)
