@@ -9,14 +9,15 @@ Weights map onto transformers' layout by a rename: `router.weight` -> `gate.weig
 -> `gate.e_score_correction_bias`, `experts.{gate,up}_proj` [E, f, d] -> `experts.gate_up_proj` (their
 concatenation along dim 1), `experts.down_proj` [E, d, f] as is, `shared_gate` -> `shared_expert_gate`.
 
-Dispatch sorts the (token, choice) pairs by expert so each expert reads one contiguous slice (no loop
-over tokens) and gathers the outputs back into token order; no expert ever sees a token not routed to it.
-A loop over the non-empty experts runs them: measured against one `F.grouped_mm` per projection
-(torch 2.13, CPU, 2 quiet threads, forward+backward) it is as fast (d 64/E 4/f 64, 8192 pairs: 10.6 vs 12.5 ms; d 1024/E 16/f 1024, 2048 pairs: 0.44 vs 0.43 s) and
-works under autocast and on any device. The experts' weights are taken with unbind, not indexing: the
-backward of E index views would build E zero-filled [E, f, d] gradients (5x slower at the 1024 shape).
-The permutations' backward passes are gathers too (`_Permute`): indexing's own backward scatter-adds
-(aten::scatter_add_ was ~6% of an axion1-350k training step in a profile before the change).
+Dispatch sorts the (token, choice) pairs by expert so each expert reads one contiguous slice (no loop over
+tokens) and gathers the outputs back into token order; no expert ever sees a token not routed to it. A loop
+over the non-empty experts runs them: measured against one `F.grouped_mm` per projection (torch 2.13, CPU, 2
+quiet threads, forward+backward) it is as fast (d 64/E 4/f 64, 8192 pairs: 10.6 vs 12.5 ms; d 1024/E 16/f
+1024, 2048 pairs: 0.44 vs 0.43 s) and works under autocast and on any device. The experts' weights are taken
+with unbind, not indexing: the backward of E index views would build E zero-filled [E, f, d] gradients (5x
+slower at the 1024 shape). The permutations' backward passes are gathers too (`_Permute`): indexing's own
+backward scatter-adds (aten::scatter_add_ was ~6% of an axion1-350k training step in a profile before the
+change).
 """
 
 import torch
