@@ -248,6 +248,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_error(e: BaseException) -> str:
+    """One line for the user: the path and the cause of an OSError, else the exception's own message."""
+    if isinstance(e, OSError) and e.filename is not None:
+        target = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else str(e.filename)
+        return f"{target}: {e.strerror or e}"
+    return str(e) or type(e).__name__
+
+
+def close_progress_bars() -> None:
+    """End every open progress bar, so a message that follows starts on a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()
@@ -256,8 +272,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except (ConfigError, CheckpointError, TrainingError, FileNotFoundError, ValueError) as e:
-        print(f"slmforge: error: {e}", file=sys.stderr)
+    except (ConfigError, CheckpointError, TrainingError, OSError, ValueError) as e:
+        close_progress_bars()
+        print(f"slmforge: error: {describe_error(e)}", file=sys.stderr)
         return 2
     return 0
 
