@@ -27,8 +27,9 @@ train(load_config(sys.argv[1]), sys.argv[2])
 
 def _config(tmp: Path, data: Path, batch_size: int) -> Path:
     raw = {"base": "tiny", "data": {"path": str(data), "batch_size": batch_size},
-           # grad_accum=2 exercises DDP's no_sync on the first micro-step
-           "train": {"steps": 4, "grad_accum": 2, "eval_every": 2, "save_every": 4}}
+           # grad_accum=2 exercises DDP's no_sync on the first micro-step; fp32 so that 1e-5 is a fair bound
+           # on machines where auto would choose bf16
+           "train": {"steps": 4, "grad_accum": 2, "eval_every": 2, "save_every": 4, "dtype": "fp32"}}
     path = tmp / f"b{batch_size}.json"
     path.write_text(json.dumps(raw))
     return path

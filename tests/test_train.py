@@ -117,7 +117,8 @@ def test_metrics_and_report(tmp_path, data):
     assert [("rank_warnings" in s, "min_singular_ratio" in s) for s in steps] == [(False, False), (True, True)] * 2
     assert "layers.0.attn.q_proj.weight" in steps[1]["rank_warnings"]
     assert [v["step"] for v in vals] == [0, 2, 4] and all(v["val_bpb"] > 0 for v in vals)
-    assert report["tokens"] == 4 * tokens_per_step and report["dtype"] == "float32"
+    chosen = choose_dtype("auto", torch.device("cpu"))[0]
+    assert report["tokens"] == 4 * tokens_per_step and report["dtype"] == str(chosen).removeprefix("torch.")
     assert report["phases"][0]["val_loss"] == pytest.approx(vals[-1]["val_loss"])
     assert json.loads((tmp_path / "run" / "report.json").read_text())["tokens"] == report["tokens"]
     assert (tmp_path / "run" / "config.json").is_file()
