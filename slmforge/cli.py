@@ -25,20 +25,18 @@ def _sources(specs: list[str]):
 def cmd_info(args) -> None:
     from slmforge.config import load_config
     from slmforge.model.stats import format_stats, model_stats
-    from slmforge.train.checkpoint import resolve_checkpoint
+    from slmforge.train.checkpoint import find_checkpoint, read_config
 
     target = args.target
     if target is None:
         print(presets_table())
         return
     if Path(target).is_dir():
-        import json
-
         from slmforge.config import apply_overrides, from_dict
 
-        ckpt = resolve_checkpoint(target)
-        cfg = from_dict(apply_overrides(json.loads((ckpt / "config.json").read_text()), args.set))
-        name = str(ckpt)
+        checkpoint = find_checkpoint(target)
+        cfg = from_dict(apply_overrides(read_config(checkpoint).to_dict(), args.set))
+        name = str(checkpoint)
     else:
         cfg, name = load_config(target, args.set), target
     print(format_stats(name, model_stats(cfg.model, args.context)))
@@ -92,12 +90,13 @@ def cmd_train(args) -> None:
     if args.recipe:
         from slmforge.recipes import run_recipe
 
-        report = run_recipe(args.recipe, args.out, overrides, full=args.full, resume=args.resume, fresh=args.fresh)
+        report = run_recipe(args.recipe, args.out, overrides, full=args.full, resume=args.resume, fresh=args.fresh,
+                            allow_changes=args.allow_changes)
     else:
         cfg = load_config(args.config or args.preset, overrides)
-        report = train(cfg, args.out, resume=args.resume, fresh=args.fresh)
+        report = train(cfg, args.out, resume=args.resume, fresh=args.fresh, allow_changes=args.allow_changes)
     for phase in report["phases"]:
-        if phase.get("val_loss") is None:  # resumed after the phase had already ended
+        if phase.get("val_loss") is None:  # no evaluation recorded at the phase's end
             continue
         start = f"{phase['start_val_loss']:.4f} -> " if phase.get("start_val_loss") is not None else ""
         print(f"phase {phase['name']}: val loss {start}{phase['val_loss']:.4f} (bits per byte {phase['val_bpb']:.4f})")
@@ -212,7 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. model.n_layers=4")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
-    p.add_argument("--fresh", action="store_true", help="delete an existing run folder first")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: continue although settings that change training differ from the checkpoint's")
+    p.add_argument("--fresh", action="store_true", help="delete an existing run folder first (only a slmforge run "
+                   "folder: anything else is refused)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a run or checkpoint")
@@ -256,6 +258,18 @@ def describe_error(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
+def where_to_resume(args) -> str:
+    """For an interrupted `train`: the checkpoint `--resume` would continue from."""
+    if getattr(args, "command", None) != "train":
+        return ""
+    from slmforge.train.checkpoint import latest_checkpoint
+
+    checkpoint = latest_checkpoint(Path(args.out))
+    if checkpoint is None:
+        return "; no checkpoint was written, so the run starts again from scratch"
+    return f"; the same command with --resume continues from {checkpoint}"
+
+
 def close_progress_bars() -> None:
     """End every open progress bar, so a message that follows starts on a line of its own."""
     from tqdm import tqdm
@@ -272,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
+    except KeyboardInterrupt:
+        close_progress_bars()
+        print(f"slmforge: interrupted{where_to_resume(args)}", file=sys.stderr)
+        return 130
     except (ConfigError, CheckpointError, TrainingError, OSError, ValueError) as e:
         close_progress_bars()
         print(f"slmforge: error: {describe_error(e)}", file=sys.stderr)

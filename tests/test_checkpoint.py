@@ -1,5 +1,6 @@
 """Checkpoints: round trip, strict loading, no pickle, atomic writes, pruning, finding the latest one."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from slmforge.model import Transformer
 from slmforge.tokenizer import byte_tokenizer
 from slmforge.train import CheckpointError, load_checkpoint, train
 from slmforge.train.checkpoint import load_weights, save_checkpoint
+from slmforge.train.integrity import write_checksums
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +100,13 @@ def test_trained_checkpoint_layout_without_pickle(tmp_path, data):
     assert sorted(p.name for p in phase.iterdir()) == ["step_5", "step_6"]  # keep_last=2
     folder = phase / "step_6"
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-    assert files == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+    assert files == ["checksums.sha256", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                      "trainer_state/optimizer.safetensors", "trainer_state/rng.safetensors", "trainer_state/state.json"]
     for path in folder.rglob("*.json"):
         json.loads(path.read_text())
+    recorded = dict(reversed(line.split("  ")) for line in (folder / "checksums.sha256").read_text().splitlines())
+    assert sorted(recorded) == files[1:]  # every file but the checksums themselves
+    assert all(recorded[name] == hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in recorded)
     for path in folder.rglob("*.safetensors"):
         assert path.read_bytes()[:1] != b"\x80"  # not a pickle (protocol 2+ starts with 0x80)
         load_file(path)
@@ -146,8 +151,8 @@ def test_latest_checkpoint_is_in_the_last_phase(tmp_path):
     for phase, index, step in [("pretrain", 0, 40), ("anneal", 1, 10), ("pretrain", 0, 50)]:
         save_checkpoint(tmp_path / phase / f"step_{step}", cfg=cfg, model_state=model.state_dict(),
                         tokenizer=byte_tokenizer(), optimizer_tensors={}, state={"phase_index": index}, keep_last=3)
-    assert checkpoint_module.resolve_checkpoint(tmp_path) == tmp_path / "anneal" / "step_10"
-    assert checkpoint_module.resolve_checkpoint(tmp_path / "pretrain") == tmp_path / "pretrain" / "step_50"
+    assert checkpoint_module.find_checkpoint(tmp_path) == tmp_path / "anneal" / "step_10"
+    assert checkpoint_module.find_checkpoint(tmp_path / "pretrain") == tmp_path / "pretrain" / "step_50"
 
 
 def test_extra_weights_in_file_raise(tmp_path):
@@ -157,5 +162,6 @@ def test_extra_weights_in_file_raise(tmp_path):
     tensors = load_file(folder / "model.safetensors")
     tensors["lm_head.weight"] = torch.zeros(cfg.model.vocab_size, cfg.model.d_model)
     save_file(tensors, folder / "model.safetensors")
+    write_checksums(folder)  # a well-formed checkpoint whose weights do not fit its config
     with pytest.raises(CheckpointError, match=r"unexpected weights: \['lm_head.weight'\]"):
         load_checkpoint(folder)

@@ -140,8 +140,10 @@ def test_occupied_run_folder(tmp_path, data):
     (run / "old.txt").write_text("x")
     with pytest.raises(TrainingError, match="--resume.*--fresh"):
         train(tiny(data, "train.steps=1"), run)
-    train(tiny(data, "train.steps=1"), run, fresh=True)
-    assert not (run / "old.txt").exists() and (run / "main" / "step_1").is_dir()
+    (run / "old.txt").unlink()
+    train(tiny(data, "train.steps=1"), run)
+    train(tiny(data, "train.steps=2"), run, fresh=True)  # a run folder: --fresh replaces it
+    assert not (run / "main" / "step_1").exists() and (run / "main" / "step_2").is_dir()
 
 
 def _poison_loss(monkeypatch, bad_steps):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from slmforge.data.loader import TokenDataset, val_batches
-from slmforge.train.checkpoint import load_checkpoint, resolve_checkpoint
+from slmforge.train.checkpoint import find_checkpoint, load_checkpoint_folder
 from slmforge.train.evaluate import evaluate
 from slmforge.train.precision import autocast, choose_dtype
 
@@ -13,8 +13,8 @@ from slmforge.train.precision import autocast, choose_dtype
 def evaluate_checkpoint(path, data: str | None = None, max_batches: int | None = None,
                         seq_len: int | None = None, quiet: bool = False) -> dict:
     """Evaluate the checkpoint at `path` (or a run's latest) on the val split of `data` (default: its own)."""
-    checkpoint = resolve_checkpoint(path)
-    model, cfg, tokenizer = load_checkpoint(checkpoint)
+    checkpoint = find_checkpoint(path)
+    model, cfg, tokenizer = load_checkpoint_folder(checkpoint)
     phase = cfg.run_phases()[-1]
     data = data or phase.data.path
     if not data:

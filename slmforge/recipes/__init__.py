@@ -111,7 +111,7 @@ def prepare_recipe_data(raw: dict, cache: Path | None = None) -> Path:
 
 
 def run_recipe(name: str, out, overrides: list[str] | None = None, full: bool = False, resume: bool = False,
-               fresh: bool = False, cache: Path | None = None) -> dict:
+               fresh: bool = False, cache: Path | None = None, allow_changes: bool = False) -> dict:
     """Prepare the recipe's data (once) and train it into run folder `out`; the report gains the card's
     figure and the recipe's name. Returns the report."""
     from slmforge.train import train
@@ -122,7 +122,7 @@ def run_recipe(name: str, out, overrides: list[str] | None = None, full: bool = 
     recipe_config(raw, overrides)  # a bad config fails here, before any tokenizer is trained
     data = prepare_recipe_data(raw, cache)
     cfg = recipe_config(raw, [f"data.path={data}", *overrides])
-    report = train(cfg, out, resume=resume, fresh=fresh)
+    report = train(cfg, out, resume=resume, fresh=fresh, allow_changes=allow_changes)
     report.update(recipe=Path(name).stem, full_size=full, card=raw.get("card"))
     report_path = Path(out) / "report.json"
     if report_path.is_file():

@@ -1,4 +1,4 @@
-"""Checkpoint folders: written atomically, found again by resume, loaded strictly.
+"""Checkpoint folders: written atomically, found again by resume, verified and loaded strictly.
 
     step_N/                       the state after N optimizer steps of a phase
       config.json                 the resolved RunConfig (with format_version): the model's identity
@@ -8,9 +8,11 @@
         optimizer.safetensors     optimizer state, "<param name>/<state key>" -> tensor
         rng.safetensors           torch RNG states
         state.json                step, phase, tokens seen, skips, val losses, optimizer metadata
+      checksums.sha256            SHA-256 of every file above, written last (see integrity.py)
 
 A checkpoint is written to `.tmp-step_N` next to its final place, fsynced, then renamed: a crash leaves
-either the whole folder or none. No pickle anywhere: tensors in safetensors, the rest in JSON.
+either the whole folder or none. No pickle anywhere: tensors in safetensors, the rest in JSON. Loading
+from a run folder takes its newest intact checkpoint: a damaged one is named and passed over.
 """
 
 from __future__ import annotations
@@ -19,25 +21,43 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
-from slmforge.config import RunConfig, from_dict
+from slmforge.config import ConfigError, RunConfig, from_dict
 from slmforge.model import build_model
 from slmforge.tokenizer import Tokenizer, load_tokenizer
+from slmforge.train.integrity import (
+    CHECKSUMS,
+    CheckpointError,
+    check_weights,
+    read_checksums,
+    read_json,
+    read_tensors,
+    verify_files,
+    write_checksums,
+)
+from slmforge.train.metrics import log
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
+TMP_PREFIX = ".tmp-"
 COMPILE_PREFIX = "_orig_mod."  # what torch.compile puts in front of every parameter name
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be found or does not fit the model it is loaded into."""
+TRAINER_STATE = "trainer_state"
 
 
 def _tensors_for_file(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    try:
+        save_file(_tensors_for_file(tensors), path, metadata=metadata)
+    except SafetensorError as e:  # a full disk surfaces here as an I/O error inside safetensors
+        raise CheckpointError(f"cannot write {path}: {e}") from None
 
 
 def _fsync(path: Path) -> None:
@@ -84,18 +104,22 @@ def save_checkpoint(
     """Write checkpoint `folder` (…/step_N) atomically, then keep only the newest `keep_last` beside it."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    for stale in folder.parent.glob(".tmp-step_*"):  # left by a crash mid-save
-        shutil.rmtree(stale)
-    tmp = folder.parent / f".tmp-{folder.name}"
+    remove_unfinished(folder.parent)
+    tmp = folder.parent / f"{TMP_PREFIX}{folder.name}"
     tmp.mkdir()
-    cfg.save(tmp / "config.json")
-    save_file(_tensors_for_file(model_state), tmp / "model.safetensors", metadata={"format": "pt"})
-    tokenizer.save(tmp)
-    (tmp / "trainer_state").mkdir()
-    save_file(_tensors_for_file(optimizer_tensors), tmp / "trainer_state" / "optimizer.safetensors")
-    save_file(_tensors_for_file(rng_tensors()), tmp / "trainer_state" / "rng.safetensors")
-    _write_json(tmp / "trainer_state" / "state.json", state)
-    _fsync_tree(tmp)
+    try:
+        cfg.save(tmp / "config.json")
+        _save_tensors(model_state, tmp / "model.safetensors", metadata={"format": "pt"})
+        tokenizer.save(tmp)
+        (tmp / TRAINER_STATE).mkdir()
+        _save_tensors(optimizer_tensors, tmp / TRAINER_STATE / "optimizer.safetensors")
+        _save_tensors(rng_tensors(), tmp / TRAINER_STATE / "rng.safetensors")
+        _write_json(tmp / TRAINER_STATE / "state.json", state)
+        write_checksums(tmp)
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if folder.exists():  # the same step saved again (a repeated resume): the new one replaces it
         shutil.rmtree(folder)
     os.rename(tmp, folder)
@@ -105,8 +129,14 @@ def save_checkpoint(
     return folder
 
 
+def remove_unfinished(phase_dir: Path) -> None:
+    """Delete the temporary folders of checkpoints whose writer was killed before renaming them."""
+    for stale in Path(phase_dir).glob(f"{TMP_PREFIX}step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def list_checkpoints(phase_dir: Path) -> list[Path]:
-    """Complete checkpoints (step_N folders) in `phase_dir`, oldest first."""
+    """Checkpoint folders (step_N) in `phase_dir`, oldest first; intact or not."""
     if not phase_dir.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in phase_dir.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
@@ -114,76 +144,117 @@ def list_checkpoints(phase_dir: Path) -> list[Path]:
 
 
 def read_state(checkpoint: Path) -> dict:
-    path = checkpoint / "trainer_state" / "state.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(checkpoint / TRAINER_STATE / "state.json")
+
+
+def _phase_order(run_dir: Path) -> dict[str, int]:
+    """Phase name -> index from the run's config.json (the phase folders alone have no order)."""
+    try:
+        phases = read_json(run_dir / "config.json").get("phases") or [{"name": "main"}]
+        return {p["name"]: i for i, p in enumerate(phases) if isinstance(p, dict) and "name" in p}
+    except (CheckpointError, OSError):
+        return {}
+
+
+def checkpoints_newest_first(run_dir: Path) -> list[Path]:
+    """Every checkpoint folder of a run, the latest phase's highest step first."""
+    run_dir = Path(run_dir)
+    order = _phase_order(run_dir)
+
+    def phase_index(c: Path) -> int:
+        if c.parent.name in order:
+            return order[c.parent.name]
+        try:
+            return int(read_state(c).get("phase_index", 0))
+        except (CheckpointError, TypeError, ValueError):
+            return -1
+
+    candidates = [c for d in run_dir.iterdir() if d.is_dir() for c in list_checkpoints(d)]
+    return sorted(candidates, key=lambda c: (phase_index(c), int(STEP_DIR.match(c.name).group(1))), reverse=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint of a run folder: the last phase that has one, its highest step."""
-    candidates = [c for phase_dir in sorted(p for p in Path(run_dir).iterdir() if p.is_dir())
-                  for c in list_checkpoints(phase_dir)]
-    if not candidates:
-        return None
-
-    def order(c: Path) -> tuple[int, int]:
-        return read_state(c).get("phase_index", 0), int(STEP_DIR.match(c.name).group(1))
-
-    return max(candidates, key=order)
+    """The newest checkpoint folder of a run, intact or not (None when there is none)."""
+    found = checkpoints_newest_first(run_dir) if Path(run_dir).is_dir() else []
+    return found[0] if found else None
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder itself, or the latest checkpoint in a phase or run folder."""
+def is_checkpoint(path: Path) -> bool:
+    return (path / "model.safetensors").exists() or (path / CHECKSUMS).exists()
+
+
+def verify_checkpoint(checkpoint: Path, trainer_state: bool) -> None:
+    """Check the files a load reads against the checkpoint's checksums: the model's files, and with
+    `trainer_state` the optimizer, RNG and progress files too."""
+    names = [n for n in read_checksums(checkpoint) if trainer_state or not n.startswith(f"{TRAINER_STATE}/")]
+    verify_files(checkpoint, names)
+    if trainer_state and not (checkpoint / TRAINER_STATE / "state.json").is_file():
+        raise CheckpointError(f"{checkpoint}: no {TRAINER_STATE}/state.json, so training cannot resume from it")
+
+
+def find_checkpoint(path: str | Path, trainer_state: bool = False, warn: Callable[[str], None] = log) -> Path:
+    """The checkpoint to load from `path`, verified against its checksums.
+
+    A checkpoint folder must be intact itself. In a run or phase folder, the newest intact checkpoint:
+    each damaged one before it is reported through `warn` (naming the damaged file) and passed over.
+    """
     path = Path(path)
-    if (path / "model.safetensors").is_file():
+    if is_checkpoint(path):
+        verify_checkpoint(path, trainer_state)
         return path
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint or run folder")
-    in_phase = list_checkpoints(path)
-    found = in_phase[-1] if in_phase else latest_checkpoint(path)
-    if found is None:
+    candidates = list_checkpoints(path)[::-1] or checkpoints_newest_first(path)
+    if not candidates:
         raise CheckpointError(f"{path}: no checkpoint in it (expected step_N folders holding model.safetensors)")
-    return found
+    damaged = []
+    for checkpoint in candidates:
+        try:
+            verify_checkpoint(checkpoint, trainer_state)
+        except CheckpointError as e:
+            damaged.append(checkpoint)
+            warn(f"checkpoint {checkpoint} is unusable: {e}")
+            continue
+        if damaged:
+            warn(f"using {checkpoint}, the newest intact checkpoint")
+        return checkpoint
+    raise CheckpointError(f"{path}: none of its {len(candidates)} checkpoints is intact (see the messages above)")
 
 
 def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Load `tensors` into `model`, every name and shape accounted for; torch.compile's prefix is dropped."""
+    """Load `tensors` into `model`, every name, shape and dtype kind accounted for and every value finite;
+    torch.compile's prefix is dropped."""
     tensors = {k.replace(COMPILE_PREFIX, ""): v for k, v in tensors.items()}
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    mismatched = [f"{k}: checkpoint {tuple(tensors[k].shape)}, model {tuple(v.shape)}"
-                  for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
-    if missing or unexpected or mismatched:
-        problems = [f"missing weights: {missing}" if missing else "",
-                    f"unexpected weights: {unexpected}" if unexpected else "",
-                    f"shape mismatches: {mismatched}" if mismatched else ""]
-        raise CheckpointError(f"{source} does not fit the model; " + "; ".join(p for p in problems if p))
+    check_weights(tensors, model.state_dict(), source)
     model.load_state_dict(tensors)
 
 
 def read_config(checkpoint: Path) -> RunConfig:
     """The checkpoint's own config.json: the model is built from it, never guessed."""
     path = checkpoint / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{checkpoint}: no config.json, so the model it holds is unknown")
-    return from_dict(json.loads(path.read_text()))
+    try:
+        return from_dict(read_json(path))
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def read_trainer_state(checkpoint: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(state.json, optimizer tensors, RNG tensors) of a checkpoint written by the trainer."""
-    folder = checkpoint / "trainer_state"
-    if not (folder / "state.json").is_file():
-        raise CheckpointError(f"{checkpoint}: no trainer_state/state.json, so training cannot resume from it")
-    return (read_state(checkpoint), load_file(folder / "optimizer.safetensors"), load_file(folder / "rng.safetensors"))
+    folder = checkpoint / TRAINER_STATE
+    return read_state(checkpoint), read_tensors(folder / "optimizer.safetensors"), read_tensors(folder / "rng.safetensors")
 
 
 def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, RunConfig, Tokenizer]:
-    """(model, cfg, tokenizer) from a checkpoint folder, or the latest checkpoint of a run folder.
+    """(model, cfg, tokenizer) from a checkpoint folder, or the newest intact checkpoint of a run folder.
 
     The model is built from the checkpoint's own config.json, on the CPU in fp32, in eval mode.
     """
-    checkpoint = resolve_checkpoint(path)
+    return load_checkpoint_folder(find_checkpoint(path))
+
+
+def load_checkpoint_folder(checkpoint: Path) -> tuple[torch.nn.Module, RunConfig, Tokenizer]:
+    """load_checkpoint of a checkpoint folder that find_checkpoint has already verified."""
     cfg = read_config(checkpoint)
     model = build_model(cfg.model)
-    load_weights(model, load_file(checkpoint / "model.safetensors"), str(checkpoint / "model.safetensors"))
+    load_weights(model, read_tensors(checkpoint / "model.safetensors"), str(checkpoint / "model.safetensors"))
     return model.eval(), cfg, load_tokenizer(checkpoint)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -22,19 +23,32 @@ def json_safe(value):
 
 
 class MetricsLog:
-    """Appends lines to `path` (opened at the first line); a no-op when `enabled` is False (ranks other than 0)."""
+    """The run's metrics lines, in memory on every rank and appended to `path` when `enabled` (rank 0)."""
 
     def __init__(self, path: Path, enabled: bool):
         self.path = path
         self.enabled = enabled
+        self.lines: list[dict] = []
         self._file = None
 
+    def resume(self, keep) -> None:
+        """Take up the file's lines for which keep(line) is true (on resume: those up to the checkpoint,
+        as the steps after it are about to be redone) and rewrite the file with them alone."""
+        self.close()
+        self.lines = [line for line in read_metrics(self.path, warn=lambda m: log(m, self.enabled)) if keep(line)]
+        if self.enabled and self.path.exists():
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(json.dumps(line) + "\n" for line in self.lines))
+            os.replace(tmp, self.path)  # other ranks may be reading the old file: replace it whole
+
     def write(self, **fields) -> None:
+        line = json_safe(fields)
+        self.lines.append(line)
         if not self.enabled:
             return
         if self._file is None:
             self._file = open(self.path, "a")
-        self._file.write(json.dumps(json_safe(fields)) + "\n")
+        self._file.write(json.dumps(line) + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -43,18 +57,38 @@ class MetricsLog:
             self._file = None
 
 
-def read_metrics(path: str | Path) -> list[dict]:
+def read_metrics(path: str | Path, warn=None) -> list[dict]:
+    """The JSON lines of a metrics file. A line that is not JSON (the last one, torn by a killed run) is
+    dropped, and `warn` told which."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines, bad = [], []
+    for number, text in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not text.strip():
+            continue
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError:
+            bad.append(number)
+    if bad and warn is not None:
+        warn(f"{path}: dropped line(s) {', '.join(map(str, bad))}, which are not complete JSON "
+             "(cut short when a run was killed); training rewrites them from the checkpoint")
+    return [line for line in lines if isinstance(line, dict)]
 
 
-def truncate_metrics(path: Path, keep) -> None:
-    """Keep only the lines for which keep(line) is true: on resume, drop what came after the checkpoint."""
-    lines = read_metrics(path)
-    if lines:
-        path.write_text("".join(json.dumps(line) + "\n" for line in lines if keep(line)))
+def phase_report(lines: list[dict], name: str, steps: int, checkpoint: str) -> dict:
+    """A phase's figures from its metrics lines (over every session of the run): the validation loss at
+    step 0 and at its last step, its last training loss, and time and tokens/s inside optimizer steps."""
+    step_lines = [line for line in lines if line.get("phase") == name and "val_loss" not in line]
+    vals = {line["step"]: line for line in lines if line.get("phase") == name and "val_loss" in line}
+    train_s = sum(line.get("dt", 0.0) for line in step_lines)
+    tokens = sum(line.get("tokens_per_s", 0.0) * line.get("dt", 0.0) for line in step_lines)
+    end = vals.get(steps, {})
+    return {"name": name, "steps": steps, "final_loss": step_lines[-1]["loss"] if step_lines else None,
+            "start_val_loss": vals.get(0, {}).get("val_loss"), "val_loss": end.get("val_loss"),
+            "val_bpb": end.get("val_bpb"), "val_ppl": end.get("val_ppl"), "train_s": train_s,
+            "tokens_per_s": tokens / train_s if train_s else None, "checkpoint": checkpoint}
 
 
 def log(message: str, enabled: bool = True) -> None:

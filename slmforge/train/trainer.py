@@ -21,7 +21,6 @@ Evaluation lines: step, phase, tokens, val_loss, val_ppl, val_bpb.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import shutil
 import time
@@ -47,28 +46,22 @@ from slmforge.optim import (
 from slmforge.tokenizer import Tokenizer, load_tokenizer
 from slmforge.train import distributed
 from slmforge.train.checkpoint import (
-    CheckpointError,
+    find_checkpoint,
     latest_checkpoint,
     load_weights,
     read_config,
     read_trainer_state,
+    remove_unfinished,
     restore_rng,
     save_checkpoint,
 )
 from slmforge.train.evaluate import eval_sums, figures
+from slmforge.train.integrity import CheckpointError, read_json, write_json_atomic
 from slmforge.train.loss import lm_loss
-from slmforge.train.metrics import (
-    MetricsLog,
-    json_safe,
-    load_metrics,
-    log,
-    truncate_metrics,
-)
+from slmforge.train.metrics import MetricsLog, json_safe, load_metrics, log, phase_report
 from slmforge.train.precision import autocast, choose_dtype
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (repeated non-finite steps, an occupied run folder)."""
+from slmforge.train.errors import TrainingError
+from slmforge.train.run_folder import check_run_dir, config_changes
 
 
 @dataclass
@@ -110,15 +103,6 @@ def open_data(cfg: RunConfig) -> tuple[list[TokenDataset], Tokenizer]:
     return datasets, tokenizer
 
 
-def check_run_dir(out: Path, resume: bool, fresh: bool) -> None:
-    if resume and fresh:
-        raise TrainingError("--resume and --fresh contradict each other: pass one of them")
-    if out.exists() and not out.is_dir():
-        raise TrainingError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (resume or fresh):
-        raise TrainingError(f"run folder {out} is not empty: pass --resume to continue it or --fresh to delete it")
-
-
 def prepare_run_dir(out: Path, fresh: bool, d: distributed.Dist) -> None:
     if d.is_main:
         if fresh and out.is_dir():
@@ -145,14 +129,14 @@ class Trainer:
         self.byte_lengths = tokenizer.token_byte_lengths()
         self.metrics = MetricsLog(out / "metrics.jsonl", d.is_main)
         self.progress = Progress()
-        self.phase_reports: list[dict] = []
+        self.started = False  # an optimizer step has been taken: the run folder holds something of value
 
     def log(self, message: str) -> None:
         log(message, self.d.is_main)
 
     # --- resume ---
 
-    def restore(self, checkpoint: Path) -> tuple[dict, dict]:
+    def restore(self, checkpoint: Path, allow_changes: bool) -> tuple[dict, dict]:
         """Load weights, progress and RNG from `checkpoint`; return its optimizer state (tensors, meta)."""
         saved = read_config(checkpoint)
         if saved.model != self.cfg.model:
@@ -161,6 +145,12 @@ class Trainer:
                      for k, v in dataclasses.asdict(saved.model).items() if ours[k] != v]
             raise ConfigError(f"cannot resume from {checkpoint}: the model config differs ({'; '.join(diffs)})")
         state, optimizer_tensors, rng = read_trainer_state(checkpoint)
+        changes = config_changes(saved, state.get("world_size", 1), self.cfg, self.d.world_size)
+        if changes and not allow_changes:
+            raise TrainingError(f"--resume would not continue {checkpoint} exactly, these settings changed: "
+                                 f"{'; '.join(changes)}. Pass --allow-changes to resume with them anyway")
+        if changes:
+            self.log(f"resuming with changed settings: {'; '.join(changes)}")
         index = state["phase_index"]
         if index >= len(self.phases) or self.phases[index].name != state["phase"]:
             names = [p.name for p in self.phases]
@@ -171,10 +161,9 @@ class Trainer:
         restore_rng(rng)
         fields = {f.name for f in dataclasses.fields(Progress)}
         self.progress = Progress(**{k: v for k, v in state.items() if k in fields})
-        if self.d.is_main:  # drop the lines of steps after the checkpoint: they are about to be redone
-            order = {p.name: i for i, p in enumerate(self.phases)}
-            at = (index, self.progress.step)
-            truncate_metrics(self.metrics.path, lambda line: (order.get(line.get("phase"), -1), line["step"]) <= at)
+        order = {p.name: i for i, p in enumerate(self.phases)}
+        at = (index, self.progress.step)
+        self.metrics.resume(lambda line: (order.get(line.get("phase"), -1), line.get("step", 0)) <= at)
         if self.progress.step >= self.phases[index].steps:  # the checkpoint ends its phase: start the next
             self.progress.phase_index, self.progress.step = index + 1, 0
         self.log(f"resuming from {checkpoint} ({self.progress.tokens:,} tokens seen)")
@@ -315,19 +304,23 @@ class Trainer:
         batches = TrainBatches(dataset, phase.data.seq_len, phase.data.batch_size, seed=t.seed + index,
                                rank=d.rank, world_size=d.world_size, weights=phase.data.weights or None)
         val = self.local_val_batches(phase, dataset)
-        tokens_per_step = t.grad_accum * phase.data.batch_size * phase.data.seq_len * d.world_size
-        bar = tqdm(total=phase.steps, initial=self.progress.step, desc=phase.name, unit="step",
-                   disable=not d.is_main, dynamic_ncols=True)
-        record, result, start_val = {}, {}, None
-        train_s, steps_run = 0.0, 0  # time inside optimizer steps this session: no evaluation or checkpoints
         if self.progress.step == 0:  # the starting point, so a run shows how far its loss fell
             start_val = self.evaluate(phase, val)["loss"]
             self.log(f"{phase.name} step 0: val_loss {start_val:.4f}")
+        with tqdm(total=phase.steps, initial=self.progress.step, desc=phase.name, unit="step",
+                  disable=not d.is_main, dynamic_ncols=True) as bar:
+            self.run_steps(phase, optimizers, batches, val, bar)
+        return optimizer_state_tensors(optimizers)
+
+    def run_steps(self, phase: PhaseConfig, optimizers: list, batches: TrainBatches, val: list, bar: tqdm) -> None:
+        """The optimizer steps of a phase from self.progress.step to its end, with evaluations and checkpoints."""
+        t, d = self.cfg.train, self.d
+        tokens_per_step = t.grad_accum * phase.data.batch_size * phase.data.seq_len * d.world_size
         for step in range(self.progress.step, phase.steps):
             t0 = time.perf_counter()
             record = {"step": step + 1, "phase": phase.name, **self.train_step(phase, optimizers, batches, step)}
             dt = time.perf_counter() - t0
-            train_s, steps_run = train_s + dt, steps_run + 1
+            self.started = True
             self.progress.step = done = step + 1
             self.progress.tokens += tokens_per_step
             record.update(tokens=self.progress.tokens, tokens_per_s=tokens_per_step / dt, dt=dt)
@@ -345,25 +338,21 @@ class Trainer:
                 self.log(f"{phase.name} step {done}: val_loss {result['loss']:.4f}, val_bpb {result['bpb']:.4f}")
             if done % t.save_every == 0 or last:
                 self.save(phase, optimizers)
-        bar.close()
-        self.phase_reports.append({"name": phase.name, "steps": phase.steps, "final_loss": record.get("loss"),
-                                   "start_val_loss": start_val, "val_loss": result.get("loss"), "val_bpb": result.get("bpb"),
-                                   "val_ppl": result.get("ppl"), "train_s": train_s,
-                                   "tokens_per_s": steps_run * tokens_per_step / train_s if train_s else None,
-                                   "checkpoint": str(self.out / phase.name / f"step_{phase.steps}")})
-        return optimizer_state_tensors(optimizers)
 
-    def run(self, resume: bool) -> dict:
+    def run(self, resume: bool, allow_changes: bool = False) -> dict:
         start = time.perf_counter()
-        optimizer_state = None
-        checkpoint = latest_checkpoint(self.out) if resume else None
-        if checkpoint is not None:
-            optimizer_state = self.restore(checkpoint)
+        optimizer_state, checkpoint = None, None
+        if self.d.is_main:  # temporary folders of checkpoints whose writer was killed
+            for phase in self.phases:
+                remove_unfinished(self.out / phase.name)
+        if resume and latest_checkpoint(self.out) is not None:
+            checkpoint = find_checkpoint(self.out, trainer_state=True, warn=self.log)
+            optimizer_state = self.restore(checkpoint, allow_changes)
         elif resume:
             self.log(f"--resume: no checkpoint in {self.out}, starting from scratch")
-            if self.d.is_main:
-                truncate_metrics(self.metrics.path, lambda line: False)
-        tokens_before = self.progress.tokens  # a resumed session's tokens/s counts only its own steps
+            self.metrics.resume(lambda line: False)
+        if self.progress.phase_index == len(self.phases):
+            return self.finished_report(checkpoint, start)
         n_params = sum(p.numel() for p in self.model.parameters())
         self.log(f"{n_params:,} parameters on {self.d.device} x{self.d.world_size}; {self.dtype_reason}")
         if self.d.is_main:
@@ -372,12 +361,31 @@ class Trainer:
             if index > self.progress.phase_index:
                 self.progress.phase_index, self.progress.step = index, 0
             optimizer_state = self.run_phase(index, optimizer_state)
-        last, final = self.phases[-1], (self.phase_reports or [{}])[-1]
-        train_s = sum(p["train_s"] for p in self.phase_reports)
+        return self.write_report(start)
+
+    def finished_report(self, checkpoint: Path, start: float) -> dict:
+        """Resuming a run that has ended trains nothing and keeps its report (rebuilt only if it is lost)."""
+        self.log(f"the run is complete: {checkpoint} ends its last phase, so there is nothing to train")
+        try:
+            report = read_json(self.out / "report.json")
+        except CheckpointError as e:
+            self.log(f"{e}; writing it again from metrics.jsonl")
+            return self.write_report(start)
+        self.log(f"{self.out / 'report.json'} is left as it was")
+        return report
+
+    def write_report(self, start: float) -> dict:
+        """The run's report, per phase from every session's metrics lines, written to RUN/report.json."""
+        phases = [phase_report(self.metrics.lines, p.name, p.steps, str(self.out / p.name / f"step_{p.steps}"))
+                  for p in self.phases]
+        last, final = self.phases[-1], phases[-1]
+        train_s = sum(p["train_s"] for p in phases)
+        tokens_run = sum(p["tokens_per_s"] * p["train_s"] for p in phases if p["tokens_per_s"])
+        n_params = sum(p.numel() for p in self.model.parameters())
         report = {
             "run_dir": str(self.out),
             "checkpoint": str(self.out / last.name / f"step_{last.steps}"),
-            "phases": self.phase_reports,
+            "phases": phases,
             "tokens": self.progress.tokens,
             "val_loss": final.get("val_loss"),
             "val_bpb": final.get("val_bpb"),
@@ -391,29 +399,36 @@ class Trainer:
             "dtype_reason": self.dtype_reason,
             "elapsed_s": time.perf_counter() - start,
             "train_s": train_s,
-            "tokens_per_s": (self.progress.tokens - tokens_before) / train_s if train_s else None,
+            "tokens_per_s": tokens_run / train_s if train_s else None,
         }
         if self.d.is_main:
-            (self.out / "report.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
+            write_json_atomic(self.out / "report.json", json_safe(report))
         return report
 
 
-def train(cfg: RunConfig, out_dir, resume: bool = False, fresh: bool = False) -> dict:
+def train(cfg: RunConfig, out_dir, resume: bool = False, fresh: bool = False, allow_changes: bool = False) -> dict:
     """Train `cfg` into run folder `out_dir`; return the final report (also written to RUN/report.json).
 
-    resume: continue from the run's latest checkpoint (exactly: same losses as an uninterrupted run);
-    fresh: delete a non-empty `out_dir` first. Under torchrun (WORLD_SIZE > 1) this is data parallel.
+    resume: continue from the run's newest intact checkpoint (exactly: same losses as an uninterrupted run),
+    refusing changed settings unless `allow_changes`; fresh: delete `out_dir` first, which must be a run
+    folder. Under torchrun (WORLD_SIZE > 1) this is data parallel. A run that fails before its first
+    optimizer step leaves no folder behind it created.
     """
     out = Path(out_dir)
     check_run_dir(out, resume, fresh)
     datasets, tokenizer = open_data(cfg)
     d = distributed.setup()
+    created = not out.exists()
+    trainer = None
     try:
         prepare_run_dir(out, fresh, d)
         trainer = Trainer(cfg, out, d, datasets, tokenizer)
-        try:
-            return trainer.run(resume)
-        finally:
-            trainer.metrics.close()
+        return trainer.run(resume, allow_changes)
+    except BaseException:
+        if created and d.is_main and (trainer is None or not trainer.started):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
+        if trainer is not None:
+            trainer.metrics.close()
         distributed.teardown(d)
