@@ -257,4 +257,8 @@ def load_checkpoint_folder(checkpoint: Path) -> tuple[torch.nn.Module, RunConfig
     cfg = read_config(checkpoint)
     model = build_model(cfg.model)
     load_weights(model, read_tensors(checkpoint / "model.safetensors"), str(checkpoint / "model.safetensors"))
-    return model.eval(), cfg, load_tokenizer(checkpoint)
+    try:
+        tokenizer = load_tokenizer(checkpoint)
+    except ValueError as e:
+        raise CheckpointError(f"{checkpoint / 'tokenizer.json'} is damaged ({e})") from None
+    return model.eval(), cfg, tokenizer
