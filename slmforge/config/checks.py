@@ -1,20 +1,98 @@
-"""Validation: impossible shapes and unknown choices raise a ConfigError naming the key, before any
-tensor exists; derived defaults (n_kv_heads, head_dim) are resolved into explicit values."""
+"""Validation: every field's type was checked while building the tree (loading.py); here every value's
+finiteness and range, then the shapes and combinations, each raising a ConfigError that names the key,
+before any tensor exists. Derived defaults (n_kv_heads, head_dim) are resolved into explicit values."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 from slmforge.config.tree import (
     ConfigError,
+    DataConfig,
+    MLAConfig,
     ModelConfig,
     MoEConfig,
+    MultiScaleConfig,
+    OptimConfig,
     PhaseConfig,
     RunConfig,
+    ScheduleConfig,
+    TrainConfig,
 )
 
+POSITIVE, NON_NEGATIVE, AT_LEAST_1 = "(0, inf)", "[0, inf)", "[1, inf)"
+FRACTION = "[0, 1]"
+MOMENTUM = "[0, 1)"  # a momentum of 1 never forgets, so the update never settles
 
-def _positive(value, key: str):
-    if value is None or value <= 0:
+# The values each field may take: an interval (for a list or mapping: of each item), a tuple of choices,
+# or None: any value of the field's type. Floats must also be finite; null passes where the type allows it.
+# Bools need no rule. Combinations of fields are checked by the functions below.
+RULES: dict[type, dict[str, str | tuple | None]] = {
+    ModelConfig: {
+        "vocab_size": POSITIVE, "d_model": POSITIVE, "n_layers": POSITIVE, "n_heads": POSITIVE,
+        "n_kv_heads": POSITIVE, "head_dim": POSITIVE, "d_ff": POSITIVE, "max_seq_len": POSITIVE,
+        "norm_eps": POSITIVE, "rope_base": POSITIVE, "rope_layout": ("half", "pairs"),
+        "attention_pattern": ("global", "sliding"), "sliding_window": POSITIVE,
+        "final_logit_softcap": POSITIVE, "attn_logit_softcap": POSITIVE, "init_std": POSITIVE,
+        "attention": ("gqa", "mla"), "ffn": ("dense", "moe"),
+        "residual": ("add", "attnres_full", "attnres_block", "attnres_codemind"), "residual_blocks": POSITIVE,
+        "mtp_depth": NON_NEGATIVE, "arch": ("decoder", "multiscale"),
+    },
+    MLAConfig: {
+        "q_lora_rank": NON_NEGATIVE,  # 0: no query latent
+        "kv_lora_rank": POSITIVE, "qk_head_dim": POSITIVE,
+        "rope_head_dim": NON_NEGATIVE,  # positive with decoupled, 0 with whole_head (_validate_mla)
+        "v_head_dim": POSITIVE, "rope_mode": ("decoupled", "whole_head"),
+    },
+    MoEConfig: {
+        "n_experts": POSITIVE, "top_k": POSITIVE, "expert_d_ff": POSITIVE, "shared_d_ff": NON_NEGATIVE,
+        "score": ("softmax", "sigmoid"), "route_scale": POSITIVE, "first_dense_layers": NON_NEGATIVE,
+        "bias_update_rate": NON_NEGATIVE, "balance_loss": NON_NEGATIVE,
+    },
+    MultiScaleConfig: {"scales": POSITIVE, "layers_per_scale": POSITIVE, "cross_layers": NON_NEGATIVE},
+    DataConfig: {
+        "path": None,  # the trainer names a missing folder
+        # 0 drops a source; an all-zero mixture is refused by the loader, which knows the folder's other sources
+        "weights": NON_NEGATIVE,
+        "seq_len": POSITIVE, "batch_size": POSITIVE,
+    },
+    OptimConfig: {
+        "name": ("muon", "adamw", "lion", "sgd"), "others": ("adamw", "lion", "sgd"), "lr": POSITIVE,
+        "betas": MOMENTUM, "eps": POSITIVE, "weight_decay": NON_NEGATIVE, "muon_lr": POSITIVE,
+        "muon_momentum": MOMENTUM, "muon_ns_steps": AT_LEAST_1, "muon_weight_decay": NON_NEGATIVE,
+        "muon_adjust_lr": ("original", "match_rms_adamw"),
+        "lion_betas": MOMENTUM,  # as slmforge.optim.Lion requires
+        "sgd_momentum": MOMENTUM, "grad_clip": NON_NEGATIVE,  # grad_clip 0: off
+    },
+    ScheduleConfig: {
+        "name": ("wsd", "cosine", "constant"), "warmup_steps": NON_NEGATIVE, "decay_fraction": FRACTION,
+        "decay_shape": ("linear", "sqrt"), "min_lr_ratio": FRACTION,
+    },
+    TrainConfig: {
+        "steps": POSITIVE, "grad_accum": POSITIVE,
+        "seed": "[0, 4294967296)",  # torch and numpy both take it (and seed + phase index)
+        "dtype": ("auto", "bf16", "fp32"), "z_loss": NON_NEGATIVE, "mtp_weight": NON_NEGATIVE,
+        "log_every": POSITIVE, "eval_every": POSITIVE, "eval_batches": POSITIVE, "save_every": POSITIVE,
+        "keep_last": POSITIVE, "max_bad_steps": POSITIVE, "rank_check_every": NON_NEGATIVE,
+        "rank_warn_ratio": "(0, 1]",  # sigma_min / sigma_max never exceeds 1
+        "threads": NON_NEGATIVE,
+    },
+    PhaseConfig: {"name": None, "steps": POSITIVE},  # the name is a folder of the run (_validate_phase)
+}
+
+
+def _in_interval(value, interval: str, key: str) -> None:
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    above = lo < value if interval[0] == "(" else lo <= value
+    below = value < hi if interval[-1] == ")" else value <= hi
+    if above and below:
+        return
+    if interval == POSITIVE:
         raise ConfigError(f"{key} must be positive, got {value}")
+    if hi == math.inf:
+        raise ConfigError(f"{key} must be >= {lo:g}, got {value}")
+    raise ConfigError(f"{key} must lie in {interval}, got {value}")
 
 
 def _choice(value, choices, key: str):
@@ -22,56 +100,52 @@ def _choice(value, choices, key: str):
         raise ConfigError(f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
+def check_values(value, key: str, rule=None) -> None:
+    """Check a value (a dataclass by RULES, a list or mapping item by item) for finiteness and `rule`."""
+    if dataclasses.is_dataclass(value):
+        rules = RULES[type(value)]
+        for f in dataclasses.fields(value):
+            check_values(getattr(value, f.name), f"{key}.{f.name}" if key else f.name, rules.get(f.name))
+    elif isinstance(value, (list, dict)):
+        for sub, item in value.items() if isinstance(value, dict) else enumerate(value):
+            check_values(item, f"{key}.{sub}", rule)
+    elif isinstance(value, float) and not math.isfinite(value):  # NaN fails no comparison, so test it first
+        raise ConfigError(f"{key} must be a finite number, got {value}")
+    elif value is None or rule is None:  # null where the type allows it; bools need no rule
+        return
+    elif isinstance(rule, tuple):
+        _choice(value, rule, key)
+    else:
+        _in_interval(value, rule, key)
+
+
 def validate_model(m: ModelConfig) -> None:
-    """Check shapes and resolve derived defaults (n_kv_heads, head_dim) into explicit values."""
-    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
-        _positive(getattr(m, key), f"model.{key}")
+    """Check values and shapes and resolve derived defaults (n_kv_heads, head_dim) into explicit values."""
+    check_values(m, "model")
     if m.head_dim is None:
         if m.d_model % m.n_heads:
             raise ConfigError(f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}")
         m.head_dim = m.d_model // m.n_heads
-    _positive(m.head_dim, "model.head_dim")
     if m.head_dim % 2:
         raise ConfigError(f"model.head_dim={m.head_dim} must be even for RoPE")
     if m.n_kv_heads is None:
         m.n_kv_heads = m.n_heads
-    _positive(m.n_kv_heads, "model.n_kv_heads")
     if m.n_heads % m.n_kv_heads:
         raise ConfigError(f"model.n_kv_heads={m.n_kv_heads} does not divide model.n_heads={m.n_heads}")
-    _choice(m.rope_layout, ("half", "pairs"), "model.rope_layout")
     if not m.attention_pattern:
         raise ConfigError("model.attention_pattern must list at least one of 'global', 'sliding'")
-    for i, kind in enumerate(m.attention_pattern):
-        _choice(kind, ("global", "sliding"), f"model.attention_pattern.{i}")
-    if "sliding" in m.attention_pattern:
-        _positive(m.sliding_window, "model.sliding_window")
-        if m.sliding_window > m.max_seq_len:
-            raise ConfigError(
-                f"model.sliding_window={m.sliding_window} is larger than model.max_seq_len={m.max_seq_len}"
-            )
-    for key in ("final_logit_softcap", "attn_logit_softcap"):
-        value = getattr(m, key)
-        if value is not None and value <= 0:
-            raise ConfigError(f"model.{key} must be positive or null, got {value}")
-    _positive(m.norm_eps, "model.norm_eps")
-    _positive(m.rope_base, "model.rope_base")
-    _choice(m.attention, ("gqa", "mla"), "model.attention")
+    if "sliding" in m.attention_pattern and m.sliding_window > m.max_seq_len:
+        raise ConfigError(f"model.sliding_window={m.sliding_window} is larger than model.max_seq_len={m.max_seq_len}")
     if m.attention == "mla":
         _validate_mla(m)
-    _choice(m.ffn, ("dense", "moe"), "model.ffn")
     if m.ffn == "moe":
         _validate_moe(m.moe, m.n_layers)
-    _choice(m.residual, ("add", "attnres_full", "attnres_block", "attnres_codemind"), "model.residual")
     if m.residual in ("attnres_block", "attnres_codemind"):
-        _positive(m.residual_blocks, "model.residual_blocks")
         if m.residual_blocks > m.n_layers:
             raise ConfigError(f"model.residual_blocks={m.residual_blocks} exceeds model.n_layers={m.n_layers}")
         if m.residual == "attnres_codemind" and m.n_layers % m.residual_blocks:
             raise ConfigError(f"model.residual_blocks={m.residual_blocks} must divide model.n_layers={m.n_layers} "
                               "with model.residual=attnres_codemind (CodeMind's blocks are equal)")
-    if m.mtp_depth < 0:
-        raise ConfigError(f"model.mtp_depth must be >= 0, got {m.mtp_depth}")
-    _choice(m.arch, ("decoder", "multiscale"), "model.arch")
     if m.arch == "multiscale":
         _validate_multiscale(m)
 
@@ -83,9 +157,6 @@ def _validate_multiscale(m: ModelConfig) -> None:
     for i, factor in enumerate(s.scales):
         if m.max_seq_len % factor:
             raise ConfigError(f"model.multiscale.scales.{i}={factor} does not divide model.max_seq_len={m.max_seq_len}")
-    _positive(s.layers_per_scale, "model.multiscale.layers_per_scale")
-    if s.cross_layers < 0:
-        raise ConfigError(f"model.multiscale.cross_layers must be >= 0, got {s.cross_layers}")
     for key, value in (("attention", "gqa"), ("ffn", "dense"), ("residual", "add"), ("mtp_depth", 0)):
         if getattr(m, key) != value:
             raise ConfigError(f"model.{key}={getattr(m, key)!r} is not supported with model.arch=multiscale "
@@ -94,14 +165,9 @@ def _validate_multiscale(m: ModelConfig) -> None:
 
 def _validate_mla(m: ModelConfig) -> None:
     a = m.mla
-    _choice(a.rope_mode, ("decoupled", "whole_head"), "model.mla.rope_mode")
-    for key in ("kv_lora_rank", "qk_head_dim", "v_head_dim"):
-        _positive(getattr(a, key), f"model.mla.{key}")
-    if a.q_lora_rank < 0:
-        raise ConfigError(f"model.mla.q_lora_rank must be >= 0 (0: no query latent), got {a.q_lora_rank}")
-    if a.rope_mode == "decoupled":
-        _positive(a.rope_head_dim, "model.mla.rope_head_dim")
-    elif a.rope_head_dim != 0:
+    if a.rope_mode == "decoupled" and a.rope_head_dim == 0:
+        raise ConfigError("model.mla.rope_head_dim must be positive with model.mla.rope_mode=decoupled, got 0")
+    if a.rope_mode == "whole_head" and a.rope_head_dim != 0:
         raise ConfigError("model.mla.rope_head_dim must be 0 with model.mla.rope_mode=whole_head "
                           f"(RoPE turns the whole qk head), got {a.rope_head_dim}")
     if m.rope_dim() % 2:
@@ -111,62 +177,34 @@ def _validate_mla(m: ModelConfig) -> None:
 
 
 def _validate_moe(e: MoEConfig, n_layers: int) -> None:
-    for key in ("n_experts", "top_k", "expert_d_ff", "route_scale"):
-        _positive(getattr(e, key), f"model.moe.{key}")
     if e.top_k > e.n_experts:
         raise ConfigError(f"model.moe.top_k={e.top_k} exceeds model.moe.n_experts={e.n_experts}")
-    _choice(e.score, ("softmax", "sigmoid"), "model.moe.score")
     if e.shared_gate and e.shared_d_ff == 0:
         raise ConfigError("model.moe.shared_gate needs a shared expert (model.moe.shared_d_ff > 0)")
-    for key in ("shared_d_ff", "first_dense_layers", "bias_update_rate", "balance_loss"):
-        if getattr(e, key) < 0:
-            raise ConfigError(f"model.moe.{key} must be >= 0, got {getattr(e, key)}")
     if e.first_dense_layers > n_layers:
         raise ConfigError(f"model.moe.first_dense_layers={e.first_dense_layers} exceeds model.n_layers={n_layers}")
 
 
 def _validate_phase(p: PhaseConfig, prefix: str, model: ModelConfig) -> None:
-    _positive(p.steps, f"{prefix}steps" if prefix else "train.steps")
-    _positive(p.data.seq_len, f"{prefix}data.seq_len")
-    _positive(p.data.batch_size, f"{prefix}data.batch_size")
     if p.data.seq_len > model.max_seq_len:
         raise ConfigError(
             f"{prefix}data.seq_len={p.data.seq_len} is larger than model.max_seq_len={model.max_seq_len}"
         )
-    for name, w in p.data.weights.items():
-        if w < 0:
-            raise ConfigError(f"{prefix}data.weights.{name} must be >= 0, got {w}")
-    _choice(p.optim.name, ("muon", "adamw", "lion", "sgd"), f"{prefix}optim.name")
-    _choice(p.optim.others, ("adamw", "lion", "sgd"), f"{prefix}optim.others")
-    if len(p.optim.lion_betas) != 2:
-        raise ConfigError(f"{prefix}optim.lion_betas must hold two numbers")
-    if not 0.0 <= p.optim.sgd_momentum < 1.0:
-        raise ConfigError(f"{prefix}optim.sgd_momentum must lie in [0, 1), got {p.optim.sgd_momentum}")
-    _choice(p.optim.muon_adjust_lr, ("original", "match_rms_adamw"), f"{prefix}optim.muon_adjust_lr")
-    if len(p.optim.betas) != 2:
-        raise ConfigError(f"{prefix}optim.betas must hold two numbers")
-    _positive(p.optim.lr, f"{prefix}optim.lr")
-    _positive(p.optim.muon_lr, f"{prefix}optim.muon_lr")
-    _choice(p.schedule.name, ("wsd", "cosine", "constant"), f"{prefix}schedule.name")
-    _choice(p.schedule.decay_shape, ("linear", "sqrt"), f"{prefix}schedule.decay_shape")
-    if not 0.0 <= p.schedule.decay_fraction <= 1.0:
-        raise ConfigError(f"{prefix}schedule.decay_fraction must lie in [0, 1], got {p.schedule.decay_fraction}")
-    if p.schedule.warmup_steps < 0:
-        raise ConfigError(f"{prefix}schedule.warmup_steps must be >= 0")
+    for key in ("betas", "lion_betas"):
+        if len(getattr(p.optim, key)) != 2:
+            raise ConfigError(f"{prefix}optim.{key} must hold two numbers")
 
 
 def validate(cfg: RunConfig) -> None:
     validate_model(cfg.model)
-    t = cfg.train
-    _choice(t.dtype, ("auto", "bf16", "fp32"), "train.dtype")
-    for key in ("grad_accum", "log_every", "eval_every", "eval_batches", "save_every", "keep_last", "max_bad_steps"):
-        _positive(getattr(t, key), f"train.{key}")
-    for key in ("z_loss", "mtp_weight"):
-        if getattr(t, key) < 0:
-            raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
+    # the top-level sections first, so a value the phases inherit is named where it was set
+    for key in ("data", "optim", "schedule", "train", "phases"):
+        check_values(getattr(cfg, key), key)
     names = set()
     for i, phase in enumerate(cfg.run_phases()):
         _validate_phase(phase, f"phases.{i}." if cfg.phases else "", cfg.model)
+        if cfg.phases and (phase.name in ("", ".", "..") or "/" in phase.name or "\\" in phase.name):
+            raise ConfigError(f"phases.{i}.name must be a folder name (its checkpoints go there), got {phase.name!r}")
         if phase.name in names:
             raise ConfigError(f"phases.{i}.name: '{phase.name}' is used twice")
         names.add(phase.name)

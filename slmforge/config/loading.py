@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -22,6 +23,35 @@ from slmforge.config.tree import (
 )
 
 
+def _show(value) -> str:
+    """A value as YAML spells it (null, true), for messages."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _json_pairs(pairs: list) -> dict:
+    """json's object_pairs_hook refusing a key given twice (json, too, keeps the last)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ConfigError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
 def _check_type(value, hint, key: str):
     """Coerce a YAML value to the dataclass field type, or raise ConfigError naming the key."""
     origin = typing.get_origin(hint)
@@ -32,30 +62,28 @@ def _check_type(value, hint, key: str):
         inner = [a for a in args if a is not type(None)]
         return _check_type(value, inner[0], key)
     if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-        try:  # PyYAML reads "1e-4" (no dot) and "1.0e6" (no sign) as strings
+        try:  # PyYAML reads "1e-4" (no dot) and "1.0e6" (no sign) as strings; "nan" is checked later
             return float(value)
-        except ValueError:
-            raise ConfigError(f"{key}: expected float, got {value!r}") from None
+        except (ValueError, OverflowError):
+            raise ConfigError(f"{key}: expected float, got {_show(value)}") from None
     if hint in (int, float, str, bool):
         if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
             return value
-        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {_show(value)}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {_show(value)}")
         return [_check_type(v, args[0], f"{key}.{i}") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {_show(value)}")
         return {str(k): _check_type(v, args[1], f"{key}.{k}") for k, v in value.items()}
     return value
 
 
 def _build(cls, raw, prefix: str):
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+    if not isinstance(raw, dict):  # null too: it must not silently become the default section
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {_show(raw)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -85,21 +113,25 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 def from_dict(raw: dict) -> RunConfig:
     """Build and validate a RunConfig; phases inherit data/optim/schedule from the top level."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping, got {_show(raw)}")
     raw = copy.deepcopy(raw)
     version = raw.pop("format_version", FORMAT_VERSION)
-    if version != FORMAT_VERSION:
-        raise ConfigError(f"format_version: this slmforge reads version {FORMAT_VERSION}, got {version}")
-    raw_phases = raw.pop("phases", None) or []
+    if type(version) is not int or version != FORMAT_VERSION:  # true == 1.0 == 1 in Python
+        raise ConfigError(f"format_version: this slmforge reads version {FORMAT_VERSION}, got {_show(version)}")
+    raw_phases = raw.pop("phases", None)  # null: no phases, e.g. to drop a base preset's
+    raw_phases = [] if raw_phases is None else raw_phases
     if not isinstance(raw_phases, list):
-        raise ConfigError("phases: expected a list of phases")
+        raise ConfigError(f"phases: expected a list of phases, got {_show(raw_phases)}")
     cfg = _build(RunConfig, raw, "")
     phases = []
     for i, phase in enumerate(raw_phases):
         if not isinstance(phase, dict):
-            raise ConfigError(f"phases.{i}: expected a mapping")
+            raise ConfigError(f"phases.{i}: expected a mapping, got {_show(phase)}")
         merged = {"name": f"phase{i}", "steps": cfg.train.steps}
         for part in ("data", "optim", "schedule"):
-            merged[part] = deep_merge(raw.get(part) or {}, phase.get(part) or {})
+            over = phase.get(part, {})  # not a mapping (null too): _build names phases.i.part
+            merged[part] = deep_merge(raw.get(part, {}), over) if isinstance(over, dict) else over
         merged.update({k: v for k, v in phase.items() if k not in ("data", "optim", "schedule")})
         phases.append(_build(PhaseConfig, merged, f"phases.{i}"))
     cfg.phases = phases
@@ -112,8 +144,10 @@ def _parse_override(item: str) -> tuple[list[str], object]:
         raise ConfigError(f"override '{item}': expected KEY=VALUE, e.g. model.n_layers=4")
     key, value = item.split("=", 1)
     try:
-        parsed = yaml.safe_load(value) if value != "" else ""
-    except yaml.YAMLError:
+        parsed = yaml.load(value, Loader=_Loader) if value != "" else ""
+    except yaml.constructor.ConstructorError as e:  # e.g. a duplicate key in a flow mapping
+        raise ConfigError(f"override '{item}': {e.problem}") from None
+    except yaml.YAMLError:  # not YAML: the text itself
         parsed = value
     return key.strip().split("."), parsed
 
@@ -131,6 +165,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 node = node[int(part)]
             else:
                 node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                where = ".".join(path[: i + 1])
+                raise ConfigError(f"override '{item}': {where} is {_show(node)}, not a mapping")
         last = path[-1]
         if isinstance(node, list):
             if not last.isdigit() or int(last) >= len(node):
@@ -155,37 +192,67 @@ def find_yaml(name_or_path: str, folder: Path, kind: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    path = folder / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"unknown {kind} '{name_or_path}' ({kind}s: {', '.join(list_yaml(folder))})")
-    return path
+    shipped = folder / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder, not a file")
+    # a name that can only be a path is reported as a missing file, not as an unknown preset
+    if "/" in name_or_path or os.sep in name_or_path or path.suffix in (".yaml", ".yml", ".json"):
+        raise ConfigError(f"config file {path}: no such file")
+    raise ConfigError(f"unknown {kind} '{name_or_path}' ({kind}s: {', '.join(list_yaml(folder))})")
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: where, what, and the construct it was reading."""
+    mark, problem, context = (getattr(e, k, None) for k in ("problem_mark", "problem", "context"))
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return where + (f"{problem} ({context})" if problem and context else problem or context or str(e))
 
 
 def read_mapping(path: Path) -> dict:
     """A YAML/JSON file's top-level mapping, or a ConfigError naming the file."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     try:
-        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not valid YAML/JSON: {e}") from None
+        if path.suffix == ".json":
+            raw = json.loads(text, object_pairs_hook=_json_pairs)
+        else:
+            raw = yaml.load(text, Loader=_Loader)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return raw
 
 
-def load_raw(preset_or_path: str) -> dict:
-    """The raw mapping of a preset name or a YAML/JSON file, with `base:` presets merged in."""
-    return with_base(read_mapping(find_yaml(preset_or_path, PRESET_DIR, "preset")))
+def load_raw(preset_or_path: str, _chain: tuple[Path, ...] = ()) -> dict:
+    """The raw mapping of a preset name or a YAML/JSON file, with `base:` presets merged in.
+    `_chain`: the files whose `base:` led here, to refuse a cycle."""
+    path = find_yaml(preset_or_path, PRESET_DIR, "preset")
+    if any(path.resolve() == p.resolve() for p in _chain):
+        raise ConfigError(f"base: cycle {' -> '.join(map(str, (*_chain, path)))}")
+    return with_base(read_mapping(path), (*_chain, path))
 
 
-def with_base(raw: dict) -> dict:
+def with_base(raw: dict, _chain: tuple[Path, ...] = ()) -> dict:
     """`raw` merged over the preset its `base:` key names (recursively), without the key."""
     raw = dict(raw)
     base = raw.pop("base", None)
-    return raw if base is None else deep_merge(load_raw(base), raw)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        where = f"{_chain[-1]}: " if _chain else ""
+        raise ConfigError(f"{where}base: expected a preset name or a file path, got {_show(base)}")
+    return deep_merge(load_raw(base, _chain), raw)
 
 
 def load_config(preset_or_path: str | None = None, overrides: list[str] | None = None) -> RunConfig:

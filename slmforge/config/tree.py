@@ -169,6 +169,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     rank_check_every: int = 0  # 0: off; else estimate Muon matrices' smallest singular value every N steps
     rank_warn_ratio: float = 1e-3  # warn when sigma_min / sigma_max falls below this
+    threads: int = 0  # torch intra-op threads; 0: chosen from the model's size (small models lose time to more threads)
 
 
 @dataclass
