@@ -100,15 +100,15 @@ def _choice(value, choices, key: str):
         raise ConfigError(f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
-def check_values(value, key: str, rule=None) -> None:
+def _check_values(value, key: str, rule=None) -> None:
     """Check a value (a dataclass by RULES, a list or mapping item by item) for finiteness and `rule`."""
     if dataclasses.is_dataclass(value):
         rules = RULES[type(value)]
         for f in dataclasses.fields(value):
-            check_values(getattr(value, f.name), f"{key}.{f.name}" if key else f.name, rules.get(f.name))
+            _check_values(getattr(value, f.name), f"{key}.{f.name}" if key else f.name, rules.get(f.name))
     elif isinstance(value, (list, dict)):
         for sub, item in value.items() if isinstance(value, dict) else enumerate(value):
-            check_values(item, f"{key}.{sub}", rule)
+            _check_values(item, f"{key}.{sub}", rule)
     elif isinstance(value, float) and not math.isfinite(value):  # NaN fails no comparison, so test it first
         raise ConfigError(f"{key} must be a finite number, got {value}")
     elif value is None or rule is None:  # null where the type allows it; bools need no rule
@@ -121,7 +121,7 @@ def check_values(value, key: str, rule=None) -> None:
 
 def validate_model(m: ModelConfig) -> None:
     """Check values and shapes and resolve derived defaults (n_kv_heads, head_dim) into explicit values."""
-    check_values(m, "model")
+    _check_values(m, "model")
     if m.head_dim is None:
         if m.d_model % m.n_heads:
             raise ConfigError(f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}")
@@ -199,7 +199,7 @@ def validate(cfg: RunConfig) -> None:
     validate_model(cfg.model)
     # the top-level sections first, so a value the phases inherit is named where it was set
     for key in ("data", "optim", "schedule", "train", "phases"):
-        check_values(getattr(cfg, key), key)
+        _check_values(getattr(cfg, key), key)
     names = set()
     for i, phase in enumerate(cfg.run_phases()):
         _validate_phase(phase, f"phases.{i}." if cfg.phases else "", cfg.model)
