@@ -10,6 +10,39 @@ from slmforge.config import ConfigError
 from slmforge.hardware import keep_freed_memory
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported in one line like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = False):
+    """An argparse type: a finite `kind` within [low, high] (an end excluded when it is open)."""
+    import math
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not math.isfinite(value) or (low is not None and (value < low or low_open and value == low)) or (
+                high is not None and (value > high or high_open and value == high)):
+            lo = "-inf" if low is None else f"{low:g}"
+            hi = "inf" if high is None else f"{high:g}"
+            bounds = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+            raise argparse.ArgumentTypeError(f"must lie in {bounds}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE_INT = number(int, 1)
+COUNT = number(int, 0)
+
+
 def _add_sources(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", action="append", default=[], metavar="SPEC",
                    help="[NAME=]PATH[::FIELD[+FIELD]][@WEIGHT]: a file, folder, glob or .jsonl; repeatable "
@@ -170,21 +203,21 @@ def cmd_plot(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slmforge", description=__doc__)
+    parser = Parser(prog="slmforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="parameters, FLOPs, KV-cache and memory of a preset, config file or run")
     p.add_argument("target", nargs="?", help="preset name, config file, run folder or checkpoint folder "
                    "(none: a table of every preset)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--context", type=int, default=None, help="context length for FLOPs/KV figures")
+    p.add_argument("--context", type=POSITIVE_INT, default=None, help="context length for FLOPs/KV figures")
     p.set_defaults(func=cmd_info)
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command", required=True)
     p = tok.add_parser("train", help="train a byte-level BPE (or write the byte tokenizer)")
     _add_sources(p)
-    p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--max-chars", type=int, default=50_000_000, help="cap on training text, for speed")
+    p.add_argument("--vocab-size", type=POSITIVE_INT, default=8192)
+    p.add_argument("--max-chars", type=POSITIVE_INT, default=50_000_000, help="cap on training text, for speed")
     p.add_argument("--byte", action="store_true", help="write the 258-token byte tokenizer instead")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_tokenizer_train)
@@ -194,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sources(p)
     p.add_argument("--tokenizer", required=True, help="tokenizer.json or a folder holding it")
     p.add_argument("--out", required=True)
-    p.add_argument("--val-fraction", type=float, default=0.01)
-    p.add_argument("--max-tokens-per-source", type=int, default=None)
+    p.add_argument("--val-fraction", type=number(float, 0, 1, high_open=True), default=0.01)
+    p.add_argument("--max-tokens-per-source", type=POSITIVE_INT, default=None)
     p.add_argument("--val-source", action="append", default=[], metavar="NAME=PATH",
                    help="the whole validation set of source NAME (e.g. a test split); repeatable")
     p.set_defaults(func=cmd_data_prepare)
@@ -220,22 +253,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a run or checkpoint")
     p.add_argument("run")
     p.add_argument("--data", help="prepared dataset (default: the one the run trained on)")
-    p.add_argument("--batches", type=int, default=None, help="validation batches (default: train.eval_batches)")
-    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--batches", type=POSITIVE_INT, default=None, help="validation batches (default: train.eval_batches)")
+    p.add_argument("--seq-len", type=POSITIVE_INT, default=None)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sample", help="generate text from a run or checkpoint")
     p.add_argument("run")
     p.add_argument("--prompt", action="append", required=True, help="repeatable: prompts decode together")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--min-new-tokens", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=100)
+    p.add_argument("--min-new-tokens", type=COUNT, default=0)
     p.add_argument("--greedy", action="store_true")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0: off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1: off")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--temperature", type=number(float, 0), default=1.0)
+    p.add_argument("--top-k", type=COUNT, default=0, help="0: off")
+    p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=1.0, help="1: off")
+    p.add_argument("--repetition-penalty", type=number(float, 0, low_open=True), default=1.0)
     p.add_argument("--stop", action="append", default=[], help="stop string, repeatable")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=None)
     p.add_argument("--speculative", action="store_true",
                    help="greedy decoding drafted by the model's MTP module; reports acceptance and speed-up")
     p.set_defaults(func=cmd_sample)

@@ -17,8 +17,10 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_seq_len: int, base: float, layout: str):
         super().__init__()
         self.layout = layout
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+        # in float64 on the CPU whatever the default device: the same tables everywhere
+        cpu = torch.device("cpu")
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=cpu) / head_dim))
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64, device=cpu), inv_freq)
         cos, sin = angles.cos().float(), angles.sin().float()
         cos_full, sin_signed = full_tables(cos, sin, layout)
         # Not saved with the weights: derived from the config.

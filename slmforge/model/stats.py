@@ -1,9 +1,23 @@
 """Size and cost figures of a model config, computed without allocating its weights."""
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from slmforge.config import ModelConfig
 from slmforge.model import MultiScaleTransformer, build_model
+
+
+class _SkipInit(TorchFunctionMode):
+    """Weights built only to be counted need no values: their initialisers are skipped (on the meta device
+    they would import torch's compiler stack, ~1.5 s, for nothing)."""
+
+    INITIALISERS = {"normal_", "uniform_", "zero_", "fill_", "trunc_normal_", "copy_"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in self.INITIALISERS:
+            return args[0] if args else kwargs["tensor"]  # Tensor.normal_(t, ...) or nn.init.normal_(tensor=t)
+        return func(*args, **kwargs)
 
 
 def _kv_values_per_token(cfg: ModelConfig) -> tuple[int, int]:
@@ -51,7 +65,7 @@ def _multiscale_costs(model: MultiScaleTransformer, context: int) -> tuple[int, 
 def model_stats(cfg: ModelConfig, context: int | None = None) -> dict:
     """Parameters, FLOPs per token and KV-cache bytes of `cfg` at `context` tokens (default: max_seq_len)."""
     context = context or cfg.max_seq_len
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():
         model = build_model(cfg)
     total = sum(p.numel() for p in model.parameters())
     embedding = model.embed.weight.numel()
