@@ -99,3 +99,10 @@ def test_axion_recipe_data_uses_gsm8k_test_for_validation(tmp_path):
     assert prepare_recipe_data(raw, tmp_path) == data  # built once, then reused
     assert len(list(tmp_path.iterdir())) == 1
     assert load_config("axion1-350k").model.vocab_size >= meta["vocab_size"]
+
+
+def test_extends_cycle_is_named(tmp_path):
+    (tmp_path / "a.yaml").write_text(f"extends: {tmp_path / 'b.yaml'}\n")
+    (tmp_path / "b.yaml").write_text(f"extends: {tmp_path / 'a.yaml'}\n")
+    with pytest.raises(ConfigError, match=r"extends: cycle .*a.yaml -> .*b.yaml -> .*a.yaml"):
+        load_recipe_raw(str(tmp_path / "a.yaml"))

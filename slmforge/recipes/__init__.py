@@ -43,15 +43,20 @@ def list_recipes() -> list[str]:
     return list_yaml(RECIPE_DIR)
 
 
-def load_recipe_raw(name_or_path: str) -> dict:
-    """A recipe's mapping with `extends` resolved; a ConfigError names an unknown recipe or section."""
+def load_recipe_raw(name_or_path: str, _chain: tuple[Path, ...] = ()) -> dict:
+    """A recipe's mapping with `extends` resolved; a ConfigError names an unknown recipe or section, or a
+    cycle of `extends` (`_chain`: the recipes that led here)."""
     path = find_yaml(name_or_path, RECIPE_DIR, "recipe")
+    if any(path.resolve() == p.resolve() for p in _chain):
+        raise ConfigError(f"extends: cycle {' -> '.join(map(str, (*_chain, path)))}")
     raw = read_mapping(path)
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"recipe {path.name}: unknown section(s) {unknown} (sections: {', '.join(SECTIONS)})")
     parent = raw.pop("extends", None)
-    return deep_merge(load_recipe_raw(parent), raw) if parent else raw
+    if parent is not None and not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends: expected a recipe name or a file path, got {parent!r}")
+    return deep_merge(load_recipe_raw(parent, (*_chain, path)), raw) if parent else raw
 
 
 def resolve_recipe(raw: dict, full: bool) -> dict:
