@@ -188,6 +188,22 @@ def test_prepare_is_deterministic_and_capped(corpus, tmp_path):
     assert capped["sources"]["files"]["train_tokens"] == first
 
 
+def test_prepare_checks_every_source_before_reading_any(corpus, tmp_path, monkeypatch):
+    def tokenize(*args, **kwargs):
+        raise AssertionError("a source was tokenized before the missing ones were reported")
+
+    monkeypatch.setattr("slmforge.data.prepare._write_source", tokenize)
+    sources = [Source("files", str(corpus)), Source("gone", str(tmp_path / "gone.txt"))]
+    val_sources = [Source("files", str(tmp_path / "*.jsonl"))]
+    with pytest.raises(FileNotFoundError) as info:
+        prepare_dataset(sources, byte_tokenizer(), tmp_path / "ds", progress=False, val_sources=val_sources)
+    assert str(info.value) == (
+        f"source 'gone': {str(tmp_path / 'gone.txt')!r} does not exist; "
+        f"source 'files': no file matches {str(tmp_path / '*.jsonl')!r}"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+
+
 def test_prepare_uint32_for_large_vocab(tmp_path):
     tok = byte_tokenizer()
     tok.hf.add_tokens([f"<w{i}>" for i in range(70_000)])

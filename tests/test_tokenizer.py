@@ -8,6 +8,7 @@ import pytest
 import tokenizers
 
 from slmforge.data import Source
+from slmforge.tokenizer import bpe as bpe_module
 from slmforge.tokenizer import SPECIAL_TOKENS, byte_tokenizer, load_tokenizer, train_bpe
 
 VOCAB = 600
@@ -141,6 +142,21 @@ def test_no_documents_names_the_skips(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"txt": "hello"}\n')
     with pytest.raises(ValueError, match="no documents in sources \\['a'\\].*missing text field 'text'"):
         train_bpe([Source("a", str(tmp_path / "a.jsonl"))], 300)
+
+
+def test_bpe_checks_every_source_before_reading_any(corpus, tmp_path, monkeypatch):
+    read = []
+
+    def iter_documents(source, stats):
+        read.append(source.name)
+        return real_iter_documents(source, stats)
+
+    real_iter_documents = bpe_module.iter_documents
+    monkeypatch.setattr(bpe_module, "iter_documents", iter_documents)
+    sources = [Source("corpus", str(corpus)), Source("typo", str(tmp_path / "corpsu" / "*.txt"))]
+    with pytest.raises(FileNotFoundError, match="source 'typo': no file matches .*corpsu"):
+        train_bpe(sources, 300, progress=False)
+    assert read == []
 
 
 def test_load_tokenizer_errors_name_the_path(tmp_path):

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from slmforge.data.sources import Source, SourceStats, iter_documents
+from slmforge.data.sources import Source, SourceStats, check_sources, iter_documents
 
 if TYPE_CHECKING:  # the tokenizer package imports slmforge.data; a runtime import here would be circular
     from slmforge.tokenizer import Tokenizer
@@ -47,8 +47,9 @@ def prepare_dataset(
 ) -> dict:
     """Tokenize `sources` into a dataset folder at `out_dir` and return its meta.json content.
 
-    The folder is written beside `out_dir` under a temporary name and renamed into place at the end, so
-    an interrupted run leaves no half dataset; an existing dataset at `out_dir` is replaced only on success.
+    Every source must exist before any is read. The folder is written beside `out_dir` under a temporary
+    name and renamed into place at the end, so an interrupted run leaves no half dataset; an existing
+    dataset at `out_dir` is replaced only on success.
     `max_tokens_per_source` stops reading a source after the document that reaches it. A source with a
     `val_sources` entry of the same name (e.g. GSM8K's test split) takes its whole validation set from
     there, and all its own documents train.
@@ -58,6 +59,7 @@ def prepare_dataset(
     unknown = sorted(set(held_out) - {s.name for s in sources})
     if unknown:
         raise ValueError(f"validation sources {unknown} name no training source (names: {[s.name for s in sources]})")
+    check_sources([*sources, *held_out.values()])
     out_dir = Path(out_dir)
     _check_replaceable(out_dir)
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)

@@ -195,28 +195,55 @@ def _jsonl_documents(path: str, fields: list[str], stats: SourceStats) -> Iterat
             yield text
 
 
+def check_sources(sources: list[Source]) -> None:
+    """Raise FileNotFoundError naming every source whose path is missing or whose glob matches no file, so
+    a typo in the last source is reported before the first one is read (tokenizing may take hours)."""
+    missing = [reason for reason in map(_missing_reason, sources) if reason]
+    if missing:
+        raise FileNotFoundError("; ".join(missing))
+
+
+def _missing_reason(source: Source) -> str | None:
+    """Why `source` has no file at all (a missing path, a glob matching nothing), or None when it has some."""
+    pattern = os.path.expanduser(source.paths)
+    if _GLOB_CHARS.search(pattern):
+        if next(_glob_files(pattern, _skipped_dirs(source)), None) is None:
+            return f"source {source.name!r}: no file matches {source.paths!r}"
+    elif not os.path.lexists(pattern):
+        return f"source {source.name!r}: {source.paths!r} does not exist"
+    return None
+
+
 def _list_files(source: Source, stats: SourceStats) -> list[str]:
     """The files of a source, sorted; raises FileNotFoundError when its path matches nothing."""
     pattern = os.path.expanduser(source.paths)
-    skipped_dirs = set(source.exclude) | {"__pycache__"}
+    skipped_dirs = _skipped_dirs(source)
     if _GLOB_CHARS.search(pattern):
-        fixed = _fixed_parts(pattern)
-        root = Path(*fixed) if fixed else Path(".")
-        # pathlib's `**` does not enter symlinked folders, so a link loop cannot make it run away.
-        files = []
-        for match in root.glob(str(Path(*Path(pattern).parts[len(fixed) :]))):
-            below = match.relative_to(root).parts
-            if match.is_dir() or any(p.startswith(".") for p in below) or skipped_dirs.intersection(below[:-1]):
-                continue
-            files.append(str(match))
-        if not files:
-            raise FileNotFoundError(f"source {source.name!r}: no file matches {source.paths!r}")
-        return sorted(files)
-    if os.path.isdir(pattern):
+        files = sorted(_glob_files(pattern, skipped_dirs))
+        if files:
+            return files
+    elif os.path.isdir(pattern):
         return _walk(pattern, skipped_dirs, stats)
-    if os.path.lexists(pattern):
+    elif os.path.lexists(pattern):
         return [pattern]  # a broken link is listed so that reading it counts it as unreadable
-    raise FileNotFoundError(f"source {source.name!r}: {source.paths!r} does not exist")
+    raise FileNotFoundError(_missing_reason(source))
+
+
+def _skipped_dirs(source: Source) -> set[str]:
+    return set(source.exclude) | {"__pycache__"}
+
+
+def _glob_files(pattern: str, skipped_dirs: set[str]) -> Iterator[str]:
+    """The files a glob matches, in the order found, without hidden names or skipped folders below its
+    fixed start."""
+    fixed = _fixed_parts(pattern)
+    root = Path(*fixed) if fixed else Path(".")
+    # pathlib's `**` does not enter symlinked folders, so a link loop cannot make it run away.
+    for match in root.glob(str(Path(*Path(pattern).parts[len(fixed) :]))):
+        below = match.relative_to(root).parts
+        if match.is_dir() or any(p.startswith(".") for p in below) or skipped_dirs.intersection(below[:-1]):
+            continue
+        yield str(match)
 
 
 def _walk(root: str, skipped_dirs: set[str], stats: SourceStats) -> list[str]:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
-from slmforge.data.sources import Source, SourceStats, iter_documents
+from slmforge.data.sources import Source, SourceStats, check_sources, iter_documents
 from slmforge.tokenizer.tokenizer import BOS, EOS, SPECIAL_TOKENS, Tokenizer
 
 _TRAIN_BATCH = 1000  # documents handed to the Rust trainer at a time
@@ -34,6 +34,7 @@ def train_bpe(
     if not sources:
         raise ValueError("train_bpe needs at least one source")
     budgets = _char_budgets(sources, max_chars)
+    check_sources(sources)
 
     hf = tokenizers.Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2 regex split
