@@ -159,6 +159,15 @@ def test_bpe_checks_every_source_before_reading_any(corpus, tmp_path, monkeypatc
     assert read == []
 
 
+def test_bpe_progress_on_stderr_only_when_asked(corpus, capfd):
+    sources = [Source("corpus", str(corpus))]
+    train_bpe(sources, 300, progress=False)
+    assert capfd.readouterr() == ("", "")
+    train_bpe(sources, 300)  # as `slmforge tokenizer train` calls it
+    out, err = capfd.readouterr()
+    assert out == "" and "reading text" in err and "source=corpus" in err
+
+
 def test_load_tokenizer_errors_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_tokenizer(tmp_path / "nowhere")

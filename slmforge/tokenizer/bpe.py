@@ -6,11 +6,13 @@ in any script or with any bytes, round-trips exactly and no token is ever unknow
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Iterator
 
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
 
 from slmforge.data.sources import Source, SourceStats, check_sources, iter_documents
 from slmforge.tokenizer.tokenizer import BOS, EOS, SPECIAL_TOKENS, Tokenizer
@@ -19,12 +21,13 @@ _TRAIN_BATCH = 1000  # documents handed to the Rust trainer at a time
 
 
 def train_bpe(
-    sources: list[Source], vocab_size: int, max_chars: int | None = None, progress: bool = False
+    sources: list[Source], vocab_size: int, max_chars: int | None = None, progress: bool = True
 ) -> Tokenizer:
     """Train a byte-level BPE with exactly `vocab_size` ids, the special tokens first (ids 0..7).
 
     Documents are streamed from `sources`. `max_chars` caps the training text, split between the sources
-    by their weights (a weight-0 source then gives nothing); without it all text is used.
+    by their weights (a weight-0 source then gives nothing); without it all text is used. `progress` shows
+    on stderr the documents and characters read (most of the time) and then the trainer's merge steps.
     """
     min_size = 256 + len(SPECIAL_TOKENS)
     if vocab_size <= min_size:
@@ -43,10 +46,11 @@ def train_bpe(
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen in training or not
-        show_progress=progress,
+        # The Rust bars draw only on a terminal, but print blank lines to stdout where there is none.
+        show_progress=progress and sys.stderr.isatty(),
     )
     stats = [SourceStats() for _ in sources]
-    hf.train_from_iterator(_text_batches(sources, budgets, stats), trainer)
+    hf.train_from_iterator(_text_batches(sources, budgets, stats, progress), trainer)
     documents = sum(st.documents for st in stats)
     if documents == 0:
         skipped = sum((st.reasons for st in stats), Counter())
@@ -70,25 +74,34 @@ def _char_budgets(sources: list[Source], max_chars: int | None) -> list[int | No
     return [int(max_chars * s.weight / total) for s in sources]
 
 
-def _text_batches(sources: list[Source], budgets: list[int | None], stats: list[SourceStats]) -> Iterator[list[str]]:
-    """Lists of documents; a source is cut off, mid-document, once its character budget is spent."""
-    for source, budget, source_stats in zip(sources, budgets, stats):
-        if budget == 0:
-            continue
-        left = budget
-        batch = []
-        for doc in iter_documents(source, source_stats):
-            if left is not None:
-                doc = doc[:left]
-                left -= len(doc)
-            batch.append(doc)
-            if len(batch) == _TRAIN_BATCH:
+def _text_batches(
+    sources: list[Source], budgets: list[int | None], stats: list[SourceStats], progress: bool
+) -> Iterator[list[str]]:
+    """Lists of documents; a source is cut off, mid-document, once its character budget is spent.
+
+    With `progress`, a bar counts the characters read; it ends when the text does, before the trainer's
+    own progress (the merges) starts.
+    """
+    with tqdm(desc="reading text", unit=" chars", unit_scale=True, disable=not progress) as bar:
+        for source, budget, source_stats in zip(sources, budgets, stats):
+            if budget == 0:
+                continue
+            bar.set_postfix(source=source.name)
+            left = budget
+            batch = []
+            for doc in iter_documents(source, source_stats):
+                if left is not None:
+                    doc = doc[:left]
+                    left -= len(doc)
+                batch.append(doc)
+                bar.update(len(doc))
+                if len(batch) == _TRAIN_BATCH:
+                    yield batch
+                    batch = []
+                if left == 0:
+                    break
+            if batch:
                 yield batch
-                batch = []
-            if left == 0:
-                break
-        if batch:
-            yield batch
 
 
 def _bytes_to_unicode() -> dict[int, str]:
