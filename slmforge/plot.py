@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,7 +216,7 @@ def plot_runs(runs: list[Path], out: Path, x: str = "tokens", log_x: bool = Fals
     if not runs:
         raise ValueError("no runs to plot")
     matplotlib, ticker, transforms, FigureCanvasAgg, Figure, Line2D = _matplotlib()
-    runs = [Path(r) for r in runs]
+    runs, out = [Path(r) for r in runs], Path(out)
     all_records = [load_run(r) for r in runs]
     names = run_names(runs)
     panels = _panels(all_records)
@@ -249,10 +250,26 @@ def plot_runs(runs: list[Path], out: Path, x: str = "tokens", log_x: bool = Fals
             ax.xaxis.set_major_formatter(ticker.EngFormatter(sep=""))  # 500k, 2M rather than 2e6
         handles = [Line2D([], [], color=c, linewidth=2) for c in colors]
         fig.legend(handles, names, loc="outside upper center", ncols=min(len(names), 4))
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, format="png")
+        _save_png(fig, out)
     return out
+
+
+def _save_png(fig, out: Path) -> None:
+    """Save `fig` to a temporary file beside `out`, then rename it into place: a failed write (a full
+    disk) leaves no half-written PNG, and an earlier plot at `out` as it was."""
+    if out.is_dir():
+        raise ValueError(f"{out} is a folder; give the name of the PNG file to write")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ValueError(f"cannot write {out}: {out.parent} is a file, not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        fig.savefig(temporary, format="png")
+        os.replace(temporary, out)
+    except OSError as e:  # a failed write names no file, or the temporary one: name the PNG asked for
+        raise OSError(e.errno, e.strerror, str(out)) from e
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _draw_panel(ax, panel: Panel, records: list[dict], xs: list[float | None], color) -> None:

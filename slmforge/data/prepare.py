@@ -48,8 +48,8 @@ def prepare_dataset(
     """Tokenize `sources` into a dataset folder at `out_dir` and return its meta.json content.
 
     Every source must exist before any is read. The folder is written beside `out_dir` under a temporary
-    name and renamed into place at the end, so an interrupted run leaves no half dataset; an existing
-    dataset at `out_dir` is replaced only on success.
+    name and renamed into place at the end, so a failed run leaves no half dataset; an existing dataset at
+    `out_dir` is replaced only on success.
     `max_tokens_per_source` stops reading a source after the document that reaches it. A source with a
     `val_sources` entry of the same name (e.g. GSM8K's test split) takes its whole validation set from
     there, and all its own documents train.
@@ -65,8 +65,8 @@ def prepare_dataset(
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
     partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
     try:
+        partial.mkdir(parents=True)
         tokenizer.save(partial)
         per_source = {}
         for source in sources:
@@ -87,6 +87,12 @@ def prepare_dataset(
         }
         (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         _move_into_place(partial, out_dir)
+    except OSError as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        if e.errno is None:  # a message of our own (a source that vanished): it already says what and where
+            raise
+        # The failing path is a temporary one, gone now (or none: numpy's writes give no file name).
+        raise OSError(e.errno, f"cannot write the dataset: {e.strerror}", str(out_dir)) from e
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -185,7 +191,8 @@ def _write_source(
                 if done:
                     break
             for split, file in files.items():
-                np.fromiter(chain.from_iterable(parts[split]), dtype=dtype).tofile(file)
+                # file.write, not ndarray.tofile: a short write (a full disk) then raises with its errno
+                file.write(np.fromiter(chain.from_iterable(parts[split]), dtype=dtype))
             bar.update(len(parts["train"]) + len(parts["val"]))
             bar.set_postfix(tokens=f"{tokens['train'] + tokens['val']:,}")
             if done:
@@ -220,13 +227,17 @@ def _check_not_empty(sources: list[Source], per_source: dict) -> None:
 
 
 def _move_into_place(partial: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        out_dir.rename(old)
+    if not out_dir.exists():
         partial.rename(out_dir)
-        shutil.rmtree(old)
-    else:
+        return
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    out_dir.rename(old)
+    try:
         partial.rename(out_dir)
+    except BaseException:
+        old.rename(out_dir)  # the previous dataset stays in place when the new one cannot be moved there
+        raise
+    shutil.rmtree(old)
 
 
 def format_report(meta: dict) -> str:

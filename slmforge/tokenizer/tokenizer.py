@@ -9,6 +9,7 @@ bytes, which is what `token_byte_lengths` (bits-per-byte) relies on.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -81,10 +82,14 @@ class Tokenizer:
         return lengths
 
     def save(self, directory: str | Path) -> None:
-        """Write `directory/tokenizer.json` and a `tokenizer_config.json` that transformers understands."""
+        """Write `directory/tokenizer.json` and a `tokenizer_config.json` that transformers understands.
+
+        A failed write (a full disk) leaves no half-written file and the folder's previous files as they were.
+        """
         directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(f"tokenizer output {directory} is a file; give a folder to write tokenizer.json into")
         directory.mkdir(parents=True, exist_ok=True)
-        self.hf.save(str(directory / "tokenizer.json"))
         named = {self.bos_id, self.eos_id, self.pad_id}
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
@@ -97,7 +102,11 @@ class Tokenizer:
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
         }
-        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        # to_str rather than hf.save: the Rust writer's errors are bare Exceptions without the file name.
+        _write_files(directory, {
+            "tokenizer.json": self.hf.to_str(pretty=True),
+            "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
+        })
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id})"
@@ -117,3 +126,19 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return Tokenizer(hf)
     except ValueError as e:
         raise ValueError(f"{file}: {e}") from e
+
+
+def _write_files(directory: Path, texts: dict[str, str]) -> None:
+    """Write each {file name: text} to a temporary file in `directory`, then rename them all into place."""
+    temporaries = {name: directory / f".{name}.tmp-{os.getpid()}" for name in texts}
+    try:
+        for name, text in texts.items():
+            try:
+                temporaries[name].write_text(text, encoding="utf-8")
+            except OSError as e:  # a failed write names no file (or the temporary one): name the real one
+                raise OSError(e.errno, e.strerror, str(directory / name)) from e
+        for name, temporary in temporaries.items():
+            os.replace(temporary, directory / name)
+    finally:
+        for temporary in temporaries.values():
+            temporary.unlink(missing_ok=True)
