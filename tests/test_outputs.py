@@ -1,5 +1,5 @@
 """Outputs that cannot be written: the real CLI ends with one line naming the path and the cause, and leaves
-nothing half-written."""
+nothing half-written; a prepare removes the temporary folders of killed runs, never those of live ones."""
 
 import json
 import os
@@ -115,3 +115,18 @@ def test_read_only_folder(workspace, command, out):
     finally:
         locked.chmod(0o755)
     assert_one_line_error(result, out, "Permission denied")
+
+
+def test_prepare_removes_leftovers_of_dead_runs_only(workspace):
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()  # its pid now names no process
+    dead, live = finished.pid, os.getpid()  # this test's own process plays a prepare still running
+    names = [f".ds.{kind}-{pid}" for kind in ("partial", "old") for pid in (dead, live)]
+    names.append(f".other.partial-{dead}")  # another output's leftover: not this prepare's business
+    for name in names:
+        (workspace / name).mkdir()
+        (workspace / name / "train.bin").write_bytes(b"\0\0")
+    result = run_cli(workspace, commands("ds")["prepare"])
+    assert result.returncode == 0, result.stderr
+    assert leftovers(workspace) == sorted([f".ds.old-{live}", f".ds.partial-{live}", f".other.partial-{dead}"])
+    assert (workspace / "ds" / "meta.json").is_file()

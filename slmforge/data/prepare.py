@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from itertools import chain
@@ -48,8 +49,9 @@ def prepare_dataset(
     """Tokenize `sources` into a dataset folder at `out_dir` and return its meta.json content.
 
     Every source must exist before any is read. The folder is written beside `out_dir` under a temporary
-    name and renamed into place at the end, so a failed run leaves no half dataset; an existing dataset at
-    `out_dir` is replaced only on success.
+    name and renamed into place at the end, so a failed run leaves no half dataset (a killed one leaves its
+    temporary folder, which the next prepare into `out_dir` removes); an existing dataset at `out_dir` is
+    replaced only on success.
     `max_tokens_per_source` stops reading a source after the document that reaches it. A source with a
     `val_sources` entry of the same name (e.g. GSM8K's test split) takes its whole validation set from
     there, and all its own documents train.
@@ -62,6 +64,7 @@ def prepare_dataset(
     check_sources([*sources, *held_out.values()])
     out_dir = Path(out_dir)
     _check_replaceable(out_dir)
+    _remove_leftovers_of_dead_runs(out_dir)
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
     partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
@@ -238,6 +241,28 @@ def _move_into_place(partial: Path, out_dir: Path) -> None:
         old.rename(out_dir)  # the previous dataset stays in place when the new one cannot be moved there
         raise
     shutil.rmtree(old)
+
+
+def _remove_leftovers_of_dead_runs(out_dir: Path) -> None:
+    """Delete the .partial-PID and .old-PID folders of `out_dir` left by runs that were killed; a live
+    process's are kept, so two prepares into the same output never delete each other's work."""
+    if not out_dir.parent.is_dir():
+        return
+    leftover = re.compile(rf"\.{re.escape(out_dir.name)}\.(?:partial|old)-(\d+)")
+    for path in out_dir.parent.iterdir():
+        match = leftover.fullmatch(path.name)
+        if match and _process_is_gone(int(match[1])):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_is_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0 sends nothing: it only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):  # another user's live process; or a number that is no pid
+        pass
+    return False
 
 
 def format_report(meta: dict) -> str:
