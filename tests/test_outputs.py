@@ -130,3 +130,34 @@ def test_prepare_removes_leftovers_of_dead_runs_only(workspace):
     assert result.returncode == 0, result.stderr
     assert leftovers(workspace) == sorted([f".ds.old-{live}", f".ds.partial-{live}", f".other.partial-{dead}"])
     assert (workspace / "ds" / "meta.json").is_file()
+
+
+@pytest.fixture
+def prepared(workspace) -> Path:
+    from slmforge.data.prepare import prepare_dataset
+    from slmforge.data.sources import Source
+
+    prepare_dataset([Source("text", str(workspace / "src"))], byte_tokenizer(), workspace / "data", 0.25,
+                    progress=False)
+    return workspace
+
+
+def train_args(out: str) -> list[str]:
+    return ["train", "--preset", "tiny", "--data", "data", "--out", out, "--set", "train.steps=4",
+            "--set", "train.save_every=2"]
+
+
+def test_train_on_a_full_disk(prepared):
+    # 100,000 bytes: the metrics and config fit, the first checkpoint's 427 KB of weights do not
+    result = run_cli(prepared, train_args("run2"), max_file_bytes=100_000)
+    assert_one_line_error(result, "run2/main/.tmp-step_2/model.safetensors", "File too large")
+    assert leftovers(prepared / "run2") == [] and not (prepared / "run2" / "main" / "step_2").exists()
+    # the disk has room again: the same command starts over (no checkpoint to resume) into a clean folder
+    result = run_cli(prepared, [*train_args("run2"), "--fresh"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (prepared / "run2" / "main").iterdir()) == ["step_2", "step_4"]
+
+
+def test_train_out_under_a_file(prepared):
+    assert_one_line_error(run_cli(prepared, train_args("blocker/run")), "blocker/run")
+    assert (prepared / "blocker").read_text() == "a file, not a folder\n"

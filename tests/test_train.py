@@ -10,6 +10,7 @@ from helpers import crash_then_resume, make_dataset, sentences
 from safetensors.torch import load_file
 
 import slmforge.train.trainer as trainer_module
+from slmforge import hardware
 from slmforge.config import ConfigError, load_config
 from slmforge.train import TrainingError, evaluate, precision, train
 from slmforge.train.loss import lm_loss
@@ -258,3 +259,23 @@ def test_lion_and_sgd_resume_exactly(tmp_path, data, monkeypatch, overrides):
     assert all(abs(e["loss"] - g["loss"]) <= 1e-6 for e, g in zip(expected, got)), (expected, got)
     name = overrides[0].split("=")[1]
     assert set(got[-1]["lr"]) == {f"{name}_matrices", f"{name}_no_decay"}
+
+
+def test_thread_choice(monkeypatch, data, tmp_path):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(hardware, "cpu_count", lambda: 6)
+    assert hardware.choose_threads(3, 1e12)[0] == 3  # the user's setting wins
+    assert hardware.choose_threads(0, hardware.ONE_THREAD_BELOW_FLOPS / 2)[0] == 1
+    assert hardware.choose_threads(0, hardware.ONE_THREAD_BELOW_FLOPS * 2)[0] == 6
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert hardware.choose_threads(0, 1e12) == (4, "4 threads: OMP_NUM_THREADS=4")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    # the tiny model's micro-step is far below the threshold; the caller's thread count is restored after
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        report = train(tiny(data, "train.steps=1"), tmp_path / "run")
+        assert report["threads"] == 1 and torch.get_num_threads() == 2
+        assert train(tiny(data, "train.steps=1", "train.threads=2"), tmp_path / "run2")["threads"] == 2
+    finally:
+        torch.set_num_threads(previous)

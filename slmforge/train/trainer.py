@@ -33,7 +33,9 @@ from tqdm import tqdm
 
 from slmforge.config import ConfigError, PhaseConfig, RunConfig, check_vocab
 from slmforge.data.loader import TokenDataset, TrainBatches, val_batches
+from slmforge.hardware import choose_threads
 from slmforge.model import build_model
+from slmforge.model.stats import model_stats
 from slmforge.optim import (
     build_optimizers,
     load_optimizer_state,
@@ -103,6 +105,12 @@ def open_data(cfg: RunConfig) -> tuple[list[TokenDataset], Tokenizer]:
     return datasets, tokenizer
 
 
+def micro_step_flops(cfg: RunConfig) -> float:
+    """Forward + backward FLOPs of the largest micro-batch of the run."""
+    return max(model_stats(cfg.model, p.data.seq_len)["train_flops_per_token"] * p.data.batch_size * p.data.seq_len
+               for p in cfg.run_phases())
+
+
 def prepare_run_dir(out: Path, fresh: bool, d: distributed.Dist) -> None:
     if d.is_main:
         if fresh and out.is_dir():
@@ -121,6 +129,10 @@ class Trainer:
         self.phases = cfg.run_phases()
         self.datasets, self.tokenizer = datasets, tokenizer
         self.dtype, self.dtype_reason = choose_dtype(cfg.train.dtype, d.device)
+        self.threads, self.threads_reason = None, "on a GPU"
+        if d.device.type == "cpu":
+            self.threads, self.threads_reason = choose_threads(cfg.train.threads, micro_step_flops(cfg))
+            torch.set_num_threads(self.threads)
         self.autocast = autocast(d.device, self.dtype)
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank and every run
         self.model = build_model(cfg.model).to(d.device)
@@ -354,7 +366,8 @@ class Trainer:
         if self.progress.phase_index == len(self.phases):
             return self.finished_report(checkpoint, start)
         n_params = sum(p.numel() for p in self.model.parameters())
-        self.log(f"{n_params:,} parameters on {self.d.device} x{self.d.world_size}; {self.dtype_reason}")
+        self.log(f"{n_params:,} parameters on {self.d.device} x{self.d.world_size}; {self.dtype_reason}; "
+                 f"{self.threads_reason}")
         if self.d.is_main:
             self.cfg.save(self.out / "config.json")
         for index in range(self.progress.phase_index, len(self.phases)):
@@ -397,6 +410,7 @@ class Trainer:
             "world_size": self.d.world_size,
             "dtype": str(self.dtype).removeprefix("torch."),
             "dtype_reason": self.dtype_reason,
+            "threads": self.threads,
             "elapsed_s": time.perf_counter() - start,
             "train_s": train_s,
             "tokens_per_s": tokens_run / train_s if train_s else None,
@@ -419,7 +433,7 @@ def train(cfg: RunConfig, out_dir, resume: bool = False, fresh: bool = False, al
     datasets, tokenizer = open_data(cfg)
     d = distributed.setup()
     created = not out.exists()
-    trainer = None
+    trainer, threads = None, torch.get_num_threads()
     try:
         prepare_run_dir(out, fresh, d)
         trainer = Trainer(cfg, out, d, datasets, tokenizer)
@@ -431,4 +445,5 @@ def train(cfg: RunConfig, out_dir, resume: bool = False, fresh: bool = False, al
     finally:
         if trainer is not None:
             trainer.metrics.close()
+        torch.set_num_threads(threads)  # the caller's setting again (the trainer chose its own)
         distributed.teardown(d)
