@@ -24,6 +24,11 @@ def make_dataset(folder: Path, texts: list[str], val_fraction: float = 0.25) -> 
     return folder / "data"
 
 
+def word_dataset(folder: Path) -> Path:
+    """12 documents of 80 words from a 17-word vocabulary, byte-tokenized: small runs that resume and load."""
+    return make_dataset(folder, [" ".join(f"word{(d * 5 + i * i) % 17}" for i in range(80)) for d in range(12)])
+
+
 def sentences(n_docs: int = 24, words: int = 120) -> list[str]:
     return [" ".join(WORDS[(7 * d + 3 * i + i * i) % len(WORDS)] for i in range(words)) + "." for d in range(n_docs)]
 

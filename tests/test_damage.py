@@ -8,13 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from helpers import word_dataset
 
 from slmforge.cli import main
 from slmforge.config import load_config
-from slmforge.data.prepare import prepare_dataset
-from slmforge.data.sources import Source
 from slmforge.eval import evaluate_checkpoint
-from slmforge.tokenizer import byte_tokenizer
 from slmforge.train import CheckpointError, load_checkpoint, train
 from slmforge.train.checkpoint import find_checkpoint
 from slmforge.train.integrity import write_checksums
@@ -22,12 +20,7 @@ from slmforge.train.integrity import write_checksums
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("data")
-    (folder / "src").mkdir()
-    for d in range(12):
-        (folder / "src" / f"doc{d}.txt").write_text(" ".join(f"word{(d * 5 + i * i) % 17}" for i in range(80)))
-    prepare_dataset([Source("text", str(folder / "src"))], byte_tokenizer(), folder / "data", 0.25, progress=False)
-    return folder / "data"
+    return word_dataset(tmp_path_factory.mktemp("data"))
 
 
 def tiny(data: Path, *overrides: str):

@@ -12,12 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import word_dataset
 
 from slmforge.cli import main
 from slmforge.config import load_config
-from slmforge.data.prepare import prepare_dataset
-from slmforge.data.sources import Source
-from slmforge.tokenizer import byte_tokenizer
 from slmforge.train import TrainingError, train
 from slmforge.train import trainer as trainer_module
 from slmforge.train.run_folder import config_changes
@@ -25,12 +23,7 @@ from slmforge.train.run_folder import config_changes
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("data")
-    (folder / "src").mkdir()
-    for d in range(12):
-        (folder / "src" / f"doc{d}.txt").write_text(" ".join(f"word{(d * 5 + i * i) % 17}" for i in range(80)))
-    prepare_dataset([Source("text", str(folder / "src"))], byte_tokenizer(), folder / "data", 0.25, progress=False)
-    return folder / "data"
+    return word_dataset(tmp_path_factory.mktemp("data"))
 
 
 def tiny(data: Path, *overrides: str):
