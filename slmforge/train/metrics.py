@@ -77,20 +77,6 @@ def read_metrics(path: str | Path, warn=None) -> list[dict]:
     return [line for line in lines if isinstance(line, dict)]
 
 
-def phase_report(lines: list[dict], name: str, steps: int, checkpoint: str) -> dict:
-    """A phase's figures from its metrics lines (over every session of the run): the validation loss at
-    step 0 and at its last step, its last training loss, and time and tokens/s inside optimizer steps."""
-    step_lines = [line for line in lines if line.get("phase") == name and "val_loss" not in line]
-    vals = {line["step"]: line for line in lines if line.get("phase") == name and "val_loss" in line}
-    train_s = sum(line.get("dt", 0.0) for line in step_lines)
-    tokens = sum(line.get("tokens_per_s", 0.0) * line.get("dt", 0.0) for line in step_lines)
-    end = vals.get(steps, {})
-    return {"name": name, "steps": steps, "final_loss": step_lines[-1]["loss"] if step_lines else None,
-            "start_val_loss": vals.get(0, {}).get("val_loss"), "val_loss": end.get("val_loss"),
-            "val_bpb": end.get("val_bpb"), "val_ppl": end.get("val_ppl"), "train_s": train_s,
-            "tokens_per_s": tokens / train_s if train_s else None, "checkpoint": checkpoint}
-
-
 def log(message: str, enabled: bool = True) -> None:
     """A line for the user on stderr that does not break the progress bar."""
     if enabled:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 from slmforge.config import RunConfig
+from slmforge.train import distributed
 from slmforge.train.checkpoint import STEP_DIR, TMP_PREFIX
 from slmforge.train.errors import TrainingError
 from slmforge.train.integrity import CheckpointError, read_json
@@ -103,3 +105,11 @@ def config_changes(saved: RunConfig, saved_world: int, current: RunConfig, world
         if a != b:
             changes.append(f"{key}: {a!r} -> {b!r}")
     return changes
+
+
+def prepare_run_dir(out: Path, fresh: bool, d: distributed.Dist) -> None:
+    if d.is_main:
+        if fresh and out.is_dir():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    distributed.barrier(d)  # nobody touches the folder before rank 0 has cleared and made it

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from slmforge.config import ConfigError, PhaseConfig, RunConfig, check_vocab
@@ -57,13 +56,14 @@ from slmforge.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from slmforge.train.evaluate import eval_sums, figures
-from slmforge.train.integrity import CheckpointError, read_json, write_json_atomic
-from slmforge.train.loss import lm_loss
-from slmforge.train.metrics import MetricsLog, json_safe, load_metrics, log, phase_report
-from slmforge.train.precision import autocast, choose_dtype
 from slmforge.train.errors import TrainingError
-from slmforge.train.run_folder import check_run_dir, config_changes
+from slmforge.train.evaluate import eval_sums, figures
+from slmforge.train.integrity import CheckpointError, read_json, read_tensors, write_json_atomic
+from slmforge.train.loss import lm_loss
+from slmforge.train.metrics import MetricsLog, json_safe, load_metrics, log
+from slmforge.train.precision import autocast, choose_dtype
+from slmforge.train.report import run_report
+from slmforge.train.run_folder import check_run_dir, config_changes, prepare_run_dir
 
 
 @dataclass
@@ -109,14 +109,6 @@ def micro_step_flops(cfg: RunConfig) -> float:
     """Forward + backward FLOPs of the largest micro-batch of the run."""
     return max(model_stats(cfg.model, p.data.seq_len)["train_flops_per_token"] * p.data.batch_size * p.data.seq_len
                for p in cfg.run_phases())
-
-
-def prepare_run_dir(out: Path, fresh: bool, d: distributed.Dist) -> None:
-    if d.is_main:
-        if fresh and out.is_dir():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-    distributed.barrier(d)  # nobody touches the folder before rank 0 has cleared and made it
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,7 +161,7 @@ class Trainer:
             raise ConfigError(
                 f"cannot resume from {checkpoint}: its phase '{state['phase']}' is not phase {index} of {names}"
             )
-        load_weights(self.model, load_file(checkpoint / "model.safetensors"), str(checkpoint))
+        load_weights(self.model, read_tensors(checkpoint / "model.safetensors"), str(checkpoint / "model.safetensors"))
         restore_rng(rng)
         fields = {f.name for f in dataclasses.fields(Progress)}
         self.progress = Progress(**{k: v for k, v in state.items() if k in fields})
@@ -389,36 +381,14 @@ class Trainer:
 
     def write_report(self, start: float) -> dict:
         """The run's report, per phase from every session's metrics lines, written to RUN/report.json."""
-        phases = [phase_report(self.metrics.lines, p.name, p.steps, str(self.out / p.name / f"step_{p.steps}"))
-                  for p in self.phases]
-        last, final = self.phases[-1], phases[-1]
-        train_s = sum(p["train_s"] for p in phases)
-        tokens_run = sum(p["tokens_per_s"] * p["train_s"] for p in phases if p["tokens_per_s"])
-        n_params = sum(p.numel() for p in self.model.parameters())
-        report = {
-            "run_dir": str(self.out),
-            "checkpoint": str(self.out / last.name / f"step_{last.steps}"),
-            "phases": phases,
-            "tokens": self.progress.tokens,
-            "val_loss": final.get("val_loss"),
-            "val_bpb": final.get("val_bpb"),
-            "val_ppl": final.get("val_ppl"),
-            "skipped_steps": self.progress.skipped_steps,
-            "best_val_loss": self.progress.best_val_loss,
-            "parameters": n_params,
-            "device": str(self.d.device),
-            "world_size": self.d.world_size,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "dtype_reason": self.dtype_reason,
-            "threads": self.threads,
-            "elapsed_s": time.perf_counter() - start,
-            "train_s": train_s,
-            "tokens_per_s": tokens_run / train_s if train_s else None,
-        }
+        facts = {"parameters": sum(p.numel() for p in self.model.parameters()), "device": str(self.d.device),
+                 "world_size": self.d.world_size, "dtype": str(self.dtype).removeprefix("torch."),
+                 "dtype_reason": self.dtype_reason, "threads": self.threads,
+                 "elapsed_s": time.perf_counter() - start}
+        report = run_report(self.out, self.phases, self.metrics.lines, self.progress, facts)
         if self.d.is_main:
             write_json_atomic(self.out / "report.json", json_safe(report))
         return report
-
 
 def train(cfg: RunConfig, out_dir, resume: bool = False, fresh: bool = False, allow_changes: bool = False) -> dict:
     """Train `cfg` into run folder `out_dir`; return the final report (also written to RUN/report.json).
