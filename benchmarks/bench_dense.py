@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from slmforge.config import load_config
+from slmforge.export.names import to_hf
 from slmforge.hardware import keep_freed_memory
 from slmforge.infer import SamplingParams, generate_ids
 from slmforge.model import Transformer
@@ -89,18 +90,6 @@ def memory_bandwidth(device: torch.device, mbytes: int, seconds: float) -> float
 # the transformers twin
 
 
-def hf_name(name: str) -> str:
-    """slmforge parameter name -> LlamaForCausalLM parameter name."""
-    if name in ("embed.weight", "norm.weight"):
-        return {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}[name]
-    if name == "lm_head.weight":
-        return name
-    for ours, theirs in ((".attn.", ".self_attn."), (".ffn.", ".mlp."), (".attn_norm.", ".input_layernorm."),
-                         (".ffn_norm.", ".post_attention_layernorm.")):
-        name = name.replace(ours, theirs)
-    return "model." + name
-
-
 def hf_llama(model: Transformer):
     """transformers' LlamaForCausalLM of the same shape, holding copies of the same weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -114,8 +103,8 @@ def hf_llama(model: Transformer):
         mlp_bias=c.bias, attn_implementation="sdpa"))
     params = dict(hf.named_parameters(remove_duplicate=False))
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            params[hf_name(name)].copy_(p)
+        for name, p in to_hf(model.state_dict(), "llama").items():
+            params[name].copy_(p)
     return hf.to(model.embed.weight.device)
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from slmforge.config import ModelConfig, validate_model
+from slmforge.export.names import from_hf, gguf_permute, gguf_unpermute, to_hf
 from slmforge.model import Transformer
 
 
@@ -36,21 +37,6 @@ def _random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
     return model
 
 
-def hf_name(name: str) -> str:
-    """slmforge parameter name -> LlamaForCausalLM parameter name."""
-    if name == "embed.weight":
-        return "model.embed_tokens.weight"
-    if name == "norm.weight":
-        return "model.norm.weight"
-    if name == "lm_head.weight":
-        return "lm_head.weight"
-    name = "model." + name
-    for ours, theirs in ((".attn.", ".self_attn."), (".ffn.", ".mlp."), (".attn_norm.", ".input_layernorm."),
-                         (".ffn_norm.", ".post_attention_layernorm.")):
-        name = name.replace(ours, theirs)
-    return name
-
-
 def _hf_llama(cfg: ModelConfig, model: Transformer):
     transformers = pytest.importorskip(
         "transformers", reason="transformers is not installed (pip install -e '.[test]'): no HF parity check")
@@ -68,15 +54,17 @@ def _hf_llama(cfg: ModelConfig, model: Transformer):
     hf_params = dict(hf.named_parameters(remove_duplicate=False))
     copied = set()
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            target = hf_params[hf_name(name)]
+        for name, p in to_hf(model.state_dict(), "llama").items():
+            target = hf_params[name]
             assert target.shape == p.shape, name
             target.copy_(p)
-            copied.add(hf_name(name))
+            copied.add(name)
     if cfg.tie_embeddings:
         assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
         copied.add("lm_head.weight")
     assert copied == set(hf_params), set(hf_params) ^ copied
+    back = from_hf(to_hf(model.state_dict(), "llama"), "llama")  # the table read both ways
+    assert back.keys() == model.state_dict().keys()
     return hf
 
 
@@ -115,17 +103,6 @@ def test_cached_decode_matches_llama_generate():
             ours.append(int(logits[0, -1].argmax()))
             logits, _ = model(torch.tensor([[ours[-1]]]), cache=cache, last_only=True)
     assert ours == theirs
-
-
-def gguf_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """llama.cpp's `permute` (convert_hf_to_gguf.py): within each head, row j*hd/2 + i moves to 2i + j."""
-    hd = w.shape[0] // n_head
-    return w.reshape(n_head, 2, hd // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def gguf_unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    hd = w.shape[0] // n_head
-    return w.reshape(n_head, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _half_to_pairs_state(model: Transformer, cfg: ModelConfig, permute) -> dict:

@@ -1,13 +1,14 @@
 """The sparse parts against transformers' reference models: the same weights loaded into both give the
 same logits. DeepseekV3ForCausalLM covers MLA (query latent, latent norms, decoupled RoPE key), sigmoid
 routing with `e_score_correction_bias`, a shared expert and first-k dense layers; Qwen2MoeForCausalLM
-covers softmax top-k routing and the sigmoid-gated shared expert. The name tables below are what an
-exporter or importer of these architectures uses."""
+covers softmax top-k routing and the sigmoid-gated shared expert. The name tables are the package's own
+(slmforge/export/names.py), which the exporter and importer use."""
 
 import pytest
 import torch
 
 from slmforge.config import MLAConfig, ModelConfig, MoEConfig, validate_model
+from slmforge.export.names import from_hf, to_hf
 from slmforge.model import Transformer
 
 transformers = pytest.importorskip(
@@ -37,31 +38,13 @@ def _load_into(hf, tensors: dict[str, torch.Tensor]) -> None:
     hf.load_state_dict({**state, **tensors})
 
 
-def _hf_common(ours: dict[str, torch.Tensor], layer_ffn) -> dict[str, torch.Tensor]:
-    out = {"model.embed_tokens.weight": ours["embed.weight"], "model.norm.weight": ours["norm.weight"],
-           "lm_head.weight": ours["lm_head.weight"]}
-    for name, t in ours.items():
-        if not name.startswith("layers."):
-            continue
-        _, i, rest = name.split(".", 2)
-        prefix = f"model.layers.{i}."
-        if rest == "attn_norm.weight":
-            out[prefix + "input_layernorm.weight"] = t
-        elif rest == "ffn_norm.weight":
-            out[prefix + "post_attention_layernorm.weight"] = t
-        elif rest.startswith("attn."):
-            out[prefix + "self_attn." + rest[5:]] = t
-        elif rest.startswith("ffn."):
-            out.update(layer_ffn(prefix + "mlp.", rest[4:], t, ours, f"layers.{i}.ffn."))
-    return out
-
-
-def _experts(prefix: str, rest: str, t, ours, ffn: str) -> dict:
-    if rest == "experts.gate_proj":  # HF packs gate and up: [E, 2f, d]
-        return {prefix + "experts.gate_up_proj": torch.cat((t, ours[ffn + "experts.up_proj"]), dim=1)}
-    if rest == "experts.up_proj":
-        return {}
-    return {prefix + rest: t}
+def assert_round_trip(model: Transformer, family: str) -> None:
+    """Our names -> transformers' -> ours gives every tensor back (ours-only weights aside)."""
+    state = model.state_dict()
+    back = from_hf(to_hf(state, family), family)
+    assert set(back) == {k for k in state if not k.endswith("balance_bias") or family != "qwen2_moe"}
+    for name, tensor in back.items():
+        assert torch.equal(tensor, state[name]), name
 
 
 def test_deepseek_v3_parity():
@@ -80,16 +63,8 @@ def test_deepseek_v3_parity():
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     hf = transformers.DeepseekV3ForCausalLM(hf_cfg).eval()
 
-    def ffn(prefix, rest, t, ours, ffn_prefix):
-        rest = (rest.replace("router.weight", "gate.weight")
-                .replace("router.balance_bias", "gate.e_score_correction_bias")
-                .replace("shared_expert.", "shared_experts."))
-        return _experts(prefix, rest, t, ours, ffn_prefix)
-
-    tensors = _hf_common(model.state_dict(), ffn)
-    tensors = {k.replace("q_a_norm", "q_a_layernorm").replace("kv_a_norm", "kv_a_layernorm")
-               .replace("kv_a_proj", "kv_a_proj_with_mqa"): v for k, v in tensors.items()}
-    _load_into(hf, tensors)
+    _load_into(hf, to_hf(model.state_dict(), "deepseek_v3"))
+    assert_round_trip(model, "deepseek_v3")
     tokens = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ours = model(tokens)[0]
@@ -115,13 +90,8 @@ def test_qwen2_moe_parity():
     hf = transformers.Qwen2MoeForCausalLM(hf_cfg).eval()
     assert hf.model.layers[0].self_attn.q_proj.bias is None
 
-    def ffn(prefix, rest, t, ours, ffn_prefix):
-        if rest == "router.balance_bias":
-            return {}
-        rest = rest.replace("router.weight", "gate.weight").replace("shared_gate.", "shared_expert_gate.")
-        return _experts(prefix, rest, t, ours, ffn_prefix)
-
-    _load_into(hf, _hf_common(model.state_dict(), ffn))
+    _load_into(hf, to_hf(model.state_dict(), "qwen2_moe"))
+    assert_round_trip(model, "qwen2_moe")
     tokens = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         ours = model(tokens)[0]

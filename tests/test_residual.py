@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from slmforge.config import ModelConfig
-from slmforge.model.residual import block_sizes, codemind_names, make_residual
+from slmforge.export.names import codemind_names
+from slmforge.model.residual import block_sizes, make_residual
 
 B, T, D, EPS = 2, 3, 8, 1e-6
 

@@ -38,7 +38,7 @@ Parameters (all under `residual.`, vectors or rows of vectors, which the optimiz
   full, block  attn_queries [L, d], ffn_queries [L, d], final_query [d] (init 0) and attn_key_gains,
                ffn_key_gains, final_key_gain of the same shapes (init 1): 2·(2L+1)·d parameters.
   codemind     queries.{l} [d] (init 0), one name per CodeMind `attn_res_operators.{l}.pseudo_query`
-               (`codemind_names`): L·d parameters.
+               (`slmforge.export.names.codemind_names`): L·d parameters.
 
 Cost: a source's logits against every query of the forward are one [B·T, d] x [d, points] product in
 float32 when it is created; each point then only softmaxes a column per source and accumulates
@@ -61,11 +61,6 @@ def block_sizes(n_layers: int, n_blocks: int) -> list[int]:
     (12 layers in 8 blocks: 2, 2, 2, 2, 1, 1, 1, 1)."""
     size, extra = divmod(n_layers, n_blocks)
     return [size + 1] * extra + [size] * (n_blocks - extra)
-
-
-def codemind_names(n_layers: int) -> dict[str, str]:
-    """CodeMind checkpoint name -> ours, for the attnres_codemind parameters."""
-    return {f"attn_res_operators.{i}.pseudo_query": f"residual.queries.{i}" for i in range(n_layers)}
 
 
 def _logits(v: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
