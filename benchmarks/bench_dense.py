@@ -35,10 +35,9 @@ import torch.nn.functional as F
 
 from slmforge.config import load_config
 from slmforge.export.names import to_hf
-from slmforge.hardware import keep_freed_memory
+from slmforge.hardware import choose_dtype, keep_freed_memory
 from slmforge.infer import SamplingParams, generate_ids
 from slmforge.model import Transformer
-from slmforge.train.precision import choose_dtype
 
 
 def cpu_name() -> str:

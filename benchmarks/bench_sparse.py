@@ -237,9 +237,10 @@ def bench_decode(model, hf, prompt: list[int], new_tokens: int, repeats: int, lo
 def decode_setup(checkpoint: str | None, prompt_text: str, prompt_len: int):
     """(model, its name, prompt ids, whether the weights are trained)."""
     if checkpoint:
-        from slmforge.train.checkpoint import load_checkpoint
+        from slmforge.infer.load import load_model
 
-        model, _, tokenizer = load_checkpoint(checkpoint)
+        loaded = load_model(checkpoint, device="cpu")
+        model, tokenizer = loaded.model, loaded.tokenizer
         return model, checkpoint, tokenizer.encode(prompt_text), True
     torch.manual_seed(0)
     model = Transformer(load_config(DECODE_PRESET).model).eval()

@@ -58,7 +58,7 @@ def _sources(specs: list[str]):
 def cmd_info(args) -> None:
     from slmforge.config import load_config
     from slmforge.model.stats import format_stats, model_stats
-    from slmforge.train.checkpoint import find_checkpoint, read_config
+    from slmforge.checkpoint import find_checkpoint, read_config
 
     target = args.target
     if target is None:
@@ -155,9 +155,10 @@ def cmd_eval(args) -> None:
 
 def cmd_sample(args) -> None:
     from slmforge.infer import SamplingParams, generate
-    from slmforge.train.checkpoint import load_checkpoint
+    from slmforge.infer.load import load_model
 
-    model, _, tokenizer = load_checkpoint(args.run)
+    loaded = load_model(args.run, device="cpu")
+    model, tokenizer = loaded.model, loaded.tokenizer
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
         temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -295,7 +296,7 @@ def where_to_resume(args) -> str:
     """For an interrupted `train`: the checkpoint `--resume` would continue from."""
     if getattr(args, "command", None) != "train":
         return ""
-    from slmforge.train.checkpoint import latest_checkpoint
+    from slmforge.checkpoint import latest_checkpoint
 
     checkpoint = latest_checkpoint(Path(args.out))
     if checkpoint is None:
@@ -314,8 +315,8 @@ def close_progress_bars() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()
-    from slmforge.train.checkpoint import CheckpointError
-    from slmforge.train.trainer import TrainingError
+    from slmforge.checkpoint import CheckpointError
+    from slmforge.train.errors import TrainingError
 
     try:
         args.func(args)

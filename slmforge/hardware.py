@@ -1,8 +1,16 @@
-"""What the machine can do fast; consulted by the trainer and optimizers, never by model code."""
+"""Device, compute dtype and threads, decided in one place for training and inference from what the machine
+can do fast; consulted by the trainer, the optimizers and the model loader, never by model code."""
 
+from __future__ import annotations
+
+import contextlib
 import ctypes
 import os
 from functools import cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that commands that never touch a tensor start fast
+    import torch
 
 # Work (FLOPs) per forward-and-backward micro-step below which a second CPU thread loses time: see
 # choose_threads and benchmarks/bench_threads.py.
@@ -12,7 +20,7 @@ ONE_THREAD_BELOW_FLOPS = 2e9
 @cache
 def cpu_has_fast_bf16() -> bool:
     """True on CPUs with bf16 matmul units (AVX512-BF16 / AMX); elsewhere bf16 is ~100x slower than fp32."""
-    import torch  # here, so that commands that never touch a tensor start without it
+    import torch
 
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -61,3 +69,47 @@ def choose_threads(setting: int, flops_per_step: float) -> tuple[int, str]:
                    "(train.threads sets it)")
     n = cpu_count()
     return n, f"{n} threads: the CPUs this process may use (train.threads sets it)"
+
+
+def choose_device(setting: str = "auto") -> torch.device:
+    """The device for `setting`: "auto" is the current CUDA device when there is one, else the CPU."""
+    import torch
+
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(setting)
+    except RuntimeError:
+        raise ValueError(f"device {setting!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {setting!r}: no CUDA device is available here")
+    return device
+
+
+def choose_dtype(setting: str, device: torch.device, key: str = "train.dtype") -> tuple[torch.dtype, str]:
+    """(compute dtype, a sentence saying why) for `key` = "auto" | "bf16" | "fp32". Weights stay fp32."""
+    import torch
+
+    if setting == "fp32":
+        return torch.float32, f"fp32: {key}=fp32"
+    if device.type == "cuda":
+        fast = torch.cuda.is_bf16_supported()
+        where = f"GPU {torch.cuda.get_device_name(device)}"
+    else:
+        fast = cpu_has_fast_bf16()
+        where = "this CPU"
+    if setting == "bf16":
+        note = "" if fast else f" ({where} has no fast bf16: expect it to be much slower than fp32)"
+        return torch.bfloat16, f"bf16 autocast: {key}=bf16{note}"
+    if fast:
+        return torch.bfloat16, f"bf16 autocast: {key}=auto and {where} has fast bf16"
+    return torch.float32, f"fp32: {key}=auto and {where} has no fast bf16 (bf16 matmuls would be slower)"
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """A reusable context for forward passes: bf16 autocast, or nothing for fp32."""
+    import torch
+
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

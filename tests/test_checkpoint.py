@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,13 +11,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from helpers import word_dataset
 
-import slmforge.train.checkpoint as checkpoint_module
+import slmforge.checkpoint.folder as checkpoint_module
 from slmforge.config import ConfigError, load_config
 from slmforge.model import Transformer
 from slmforge.tokenizer import byte_tokenizer
-from slmforge.train import CheckpointError, load_checkpoint, train
-from slmforge.train.checkpoint import load_weights, save_checkpoint
-from slmforge.train.integrity import write_checksums
+from slmforge.checkpoint import CheckpointError
+from slmforge.infer.load import load_model
+from slmforge.train import train
+from slmforge.checkpoint.folder import load_weights, save_checkpoint
+from slmforge.checkpoint.integrity import write_checksums
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +41,8 @@ def test_round_trip_gives_identical_logits(tmp_path):
     torch.manual_seed(0)
     model = Transformer(cfg.model).eval()
     folder = save_model(tmp_path / "main" / "step_7", model, cfg)
-    loaded, loaded_cfg, tokenizer = load_checkpoint(folder)
+    result = load_model(folder)
+    loaded, loaded_cfg, tokenizer = result.model, result.config, result.tokenizer
     x = torch.randint(0, 258, (2, 16))
     with torch.no_grad():
         assert torch.equal(loaded(x)[0], model(x)[0])
@@ -45,7 +50,7 @@ def test_round_trip_gives_identical_logits(tmp_path):
     names = set(load_file(folder / "model.safetensors"))
     assert "embed.weight" in names and "lm_head.weight" not in names  # tied: stored once
     for path in (tmp_path, tmp_path / "main"):  # a run folder or a phase folder: the latest checkpoint
-        assert torch.equal(load_checkpoint(path)[0].embed.weight, model.embed.weight)
+        assert torch.equal(load_model(path).model.embed.weight, model.embed.weight)
 
 
 def test_untied_head_is_saved(tmp_path):
@@ -53,7 +58,7 @@ def test_untied_head_is_saved(tmp_path):
     model = Transformer(cfg.model)
     folder = save_model(tmp_path / "step_1", model, cfg)
     assert "lm_head.weight" in load_file(folder / "model.safetensors")
-    assert torch.equal(load_checkpoint(folder)[0].lm_head.weight, model.lm_head.weight)
+    assert torch.equal(load_model(folder).model.lm_head.weight, model.lm_head.weight)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit, imported by torch.compile
@@ -64,7 +69,7 @@ def test_compile_prefix_is_stripped(tmp_path):
     state = compiled.state_dict()
     assert all(k.startswith("_orig_mod.") for k in state)
     folder = save_model(tmp_path / "step_1", model, cfg, state_dict=state)
-    assert torch.equal(load_checkpoint(folder)[0].embed.weight, model.embed.weight)
+    assert torch.equal(load_model(folder).model.embed.weight, model.embed.weight)
 
 
 def test_mismatched_weights_are_listed():
@@ -83,9 +88,9 @@ def test_mismatched_weights_are_listed():
 
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
-        load_checkpoint(tmp_path)
+        load_model(tmp_path)
     with pytest.raises(CheckpointError, match="no such"):
-        load_checkpoint(tmp_path / "nope")
+        load_model(tmp_path / "nope")
 
 
 def test_trained_checkpoint_layout_without_pickle(tmp_path, data):
@@ -125,7 +130,7 @@ def test_crash_mid_save_leaves_previous_checkpoint(tmp_path, data, monkeypatch):
         train(cfg, tmp_path / "run")
     phase = tmp_path / "run" / "main"
     assert not (phase / "step_4").exists()
-    assert load_checkpoint(tmp_path / "run")[0] is not None  # step_2 is whole
+    assert load_model(tmp_path / "run").model is not None  # step_2 is whole
     assert json.loads((phase / "step_2" / "trainer_state" / "state.json").read_text())["step"] == 2
 
     monkeypatch.setattr(checkpoint_module, "_fsync_tree", real_fsync)
@@ -158,4 +163,17 @@ def test_extra_weights_in_file_raise(tmp_path):
     save_file(tensors, folder / "model.safetensors")
     write_checksums(folder)  # a well-formed checkpoint whose weights do not fit its config
     with pytest.raises(CheckpointError, match=r"unexpected weights: \['lm_head.weight'\]"):
-        load_checkpoint(folder)
+        load_model(folder)
+
+
+def test_loading_a_model_never_imports_the_trainer(tmp_path):
+    """eval, sample, export and a server load models through slmforge.infer.load, which stands apart from
+    the training code (checked in a fresh interpreter, where nothing else has imported it)."""
+    cfg = tiny()
+    save_model(tmp_path / "step_1", Transformer(cfg.model), cfg)
+    code = ("import sys; from slmforge.infer.load import load_model; from slmforge.eval import evaluate_checkpoint; "
+            f"loaded = load_model({str(tmp_path / 'step_1')!r}, device='cpu'); "
+            "print(sorted(m for m in sys.modules if m.startswith(('slmforge.train', 'slmforge.optim'))), "
+            "loaded.device, loaded.model.training)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["[]", "cpu", "False"], done.stderr[-2000:]

@@ -13,9 +13,11 @@ from helpers import word_dataset
 from slmforge.cli import main
 from slmforge.config import load_config
 from slmforge.eval import evaluate_checkpoint
-from slmforge.train import CheckpointError, load_checkpoint, train
-from slmforge.train.checkpoint import find_checkpoint
-from slmforge.train.integrity import write_checksums
+from slmforge.checkpoint import CheckpointError
+from slmforge.infer.load import load_model
+from slmforge.train import train
+from slmforge.checkpoint.folder import find_checkpoint
+from slmforge.checkpoint.integrity import write_checksums
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +86,7 @@ def test_flipped_bit_is_found(run, data):
     flip_byte(run / "main" / "step_6" / "model.safetensors")
     load_file(run / "main" / "step_6" / "model.safetensors")  # the file itself still parses
     with pytest.raises(CheckpointError, match=r"step_6/model.safetensors is damaged"):
-        load_checkpoint(run / "main" / "step_6")  # a checkpoint named by the user: no fallback
+        load_model(run / "main" / "step_6")  # a checkpoint named by the user: no fallback
     assert evaluate_checkpoint(run, quiet=True)["checkpoint"] == str(run / "main" / "step_4")
 
     # resuming also needs the optimizer state: a flipped bit there sends --resume one checkpoint further back
@@ -116,7 +118,7 @@ def test_damaged_json_is_named(run, data, name):
         if name == "trainer_state/state.json":
             train(tiny(data, "train.steps=8"), run, resume=True, allow_changes=True)
         else:
-            load_checkpoint(run / "main" / "step_6")
+            load_model(run / "main" / "step_6")
 
 
 def test_unfinished_checkpoint_is_passed_over(run):
@@ -134,7 +136,7 @@ def test_wrong_dtype_and_non_finite_weights_are_refused(run):
     save_file(tensors, folder / "model.safetensors")
     write_checksums(folder)
     with pytest.raises(CheckpointError, match=r"dtype mismatches: \['embed.weight: checkpoint int64, model float32'\]"):
-        load_checkpoint(folder)
+        load_model(folder)
 
     good["layers.1.attn.q_proj.weight"][3, 5] = float("nan")
     good["norm.weight"][:] = float("inf")
@@ -142,7 +144,7 @@ def test_wrong_dtype_and_non_finite_weights_are_refused(run):
     write_checksums(folder)
     with pytest.raises(CheckpointError, match=r"NaN or inf in layers.1.attn.q_proj.weight \(1 of [\d,]+ values\), "
                                               r"norm.weight \(every value\)"):
-        load_checkpoint(folder)
+        load_model(folder)
 
 
 def test_torn_metrics_line_is_dropped(run, finished, data, capsys):

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 import slmforge.train.trainer as trainer_module
 from slmforge import hardware
 from slmforge.config import ConfigError, load_config
-from slmforge.train import TrainingError, evaluate, precision, train
+from slmforge.eval.heldout import evaluate
+from slmforge.train import TrainingError, train
 from slmforge.train.loss import lm_loss
-from slmforge.train.precision import choose_dtype
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +73,13 @@ def test_evaluate_bits_per_byte():
 
 def test_dtype_choice(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
-    dtype, why = choose_dtype("auto", cpu)
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: False)
+    dtype, why = hardware.choose_dtype("auto", cpu)
     assert dtype == torch.float32 and "no fast bf16" in why
-    assert choose_dtype("bf16", cpu)[0] == torch.bfloat16
-    assert choose_dtype("fp32", cpu)[0] == torch.float32
-    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
-    assert choose_dtype("auto", cpu)[0] == torch.bfloat16
+    assert hardware.choose_dtype("bf16", cpu)[0] == torch.bfloat16
+    assert hardware.choose_dtype("fp32", cpu)[0] == torch.float32
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)
+    assert hardware.choose_dtype("auto", cpu)[0] == torch.bfloat16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,7 +118,7 @@ def test_metrics_and_report(tmp_path, data):
     assert [("rank_warnings" in s, "min_singular_ratio" in s) for s in steps] == [(False, False), (True, True)] * 2
     assert "layers.0.attn.q_proj.weight" in steps[1]["rank_warnings"]
     assert [v["step"] for v in vals] == [0, 2, 4] and all(v["val_bpb"] > 0 for v in vals)
-    chosen = choose_dtype("auto", torch.device("cpu"))[0]
+    chosen = hardware.choose_dtype("auto", torch.device("cpu"))[0]
     assert report["tokens"] == 4 * tokens_per_step and report["dtype"] == str(chosen).removeprefix("torch.")
     assert report["phases"][0]["val_loss"] == pytest.approx(vals[-1]["val_loss"])
     assert json.loads((tmp_path / "run" / "report.json").read_text())["tokens"] == report["tokens"]

@@ -1,20 +1,19 @@
-"""`slmforge eval`: validation loss, perplexity and bits per byte of a checkpoint."""
+"""`slmforge eval`: validation loss, perplexity and bits per byte of a checkpoint (held-out figures in
+`heldout`, shared with the trainer)."""
 
 from __future__ import annotations
 
-import torch
-
 from slmforge.data.loader import TokenDataset, val_batches
-from slmforge.train.checkpoint import find_checkpoint, load_checkpoint_folder
-from slmforge.train.evaluate import evaluate
-from slmforge.train.precision import autocast, choose_dtype
+from slmforge.eval.heldout import evaluate
+from slmforge.infer.load import load_model
 
 
 def evaluate_checkpoint(path, data: str | None = None, max_batches: int | None = None,
                         seq_len: int | None = None, quiet: bool = False) -> dict:
-    """Evaluate the checkpoint at `path` (or a run's latest) on the val split of `data` (default: its own)."""
-    checkpoint = find_checkpoint(path)
-    model, cfg, tokenizer = load_checkpoint_folder(checkpoint)
+    """Evaluate the checkpoint at `path` (or a run's newest intact one) on the val split of `data`
+    (default: its own)."""
+    loaded = load_model(path, device="cpu")
+    cfg, tokenizer, checkpoint = loaded.config, loaded.tokenizer, loaded.checkpoint
     phase = cfg.run_phases()[-1]
     data = data or phase.data.path
     if not data:
@@ -26,9 +25,7 @@ def evaluate_checkpoint(path, data: str | None = None, max_batches: int | None =
     seq_len = seq_len or phase.data.seq_len
     batches = val_batches(dataset, seq_len, phase.data.batch_size, max_batches or cfg.train.eval_batches,
                           weights=phase.data.weights or None)
-    device = torch.device("cpu")
-    dtype, _ = choose_dtype(cfg.train.dtype, device)
-    result = evaluate(model, batches, tokenizer.token_byte_lengths(), autocast(device, dtype))
+    result = evaluate(loaded.model, batches, tokenizer.token_byte_lengths(), loaded.autocast())
     result.update(checkpoint=str(checkpoint), data=str(data), tokens=sum(y.numel() for _, y in batches))
     if not quiet:
         print(f"{checkpoint}: {result['tokens']:,} val tokens of {data}")

@@ -1,9 +1,7 @@
-"""Training: the loop (`train`), checkpoints (`load_checkpoint`) and held-out evaluation (`evaluate`)."""
+"""Training: the loop (`train`). Loading a model to use it is `slmforge.infer.load.load_model`, held-out
+figures are `slmforge.eval.heldout`, checkpoint folders are `slmforge.checkpoint`."""
 
-from slmforge.train.checkpoint import load_checkpoint
-from slmforge.train.integrity import CheckpointError
-from slmforge.train.evaluate import evaluate
 from slmforge.train.errors import TrainingError
 from slmforge.train.trainer import train
 
-__all__ = ["CheckpointError", "TrainingError", "evaluate", "load_checkpoint", "train"]
+__all__ = ["TrainingError", "train"]

@@ -12,11 +12,11 @@ import json
 import shutil
 from pathlib import Path
 
+from slmforge.checkpoint.folder import STEP_DIR, TMP_PREFIX
+from slmforge.checkpoint.integrity import CheckpointError, read_json
 from slmforge.config import RunConfig
 from slmforge.train import distributed
-from slmforge.train.checkpoint import STEP_DIR, TMP_PREFIX
 from slmforge.train.errors import TrainingError
-from slmforge.train.integrity import CheckpointError, read_json
 
 RUN_FILES = ("config.json", "metrics.jsonl", "report.json", "data-meta.json")
 # Settings that change no number of the training itself: they may differ between sessions of a run.

@@ -6,7 +6,7 @@ A run folder:
       config.json            the resolved RunConfig of the latest session
       metrics.jsonl          one JSON line per optimizer step and per evaluation (fields below)
       report.json            what train() returned
-      <phase>/step_N/        checkpoints after N steps of a phase (layout in checkpoint.py); a run without
+      <phase>/step_N/        checkpoints after N steps of a phase (layout in slmforge/checkpoint/folder.py); a run without
                              `phases` has the single phase "main", so its checkpoints are RUN/main/step_N
 
 Phase k > 0 starts from phase k-1's final weights and optimizer state, with its own data, optimizer
@@ -30,9 +30,21 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from slmforge.checkpoint.folder import (
+    find_checkpoint,
+    latest_checkpoint,
+    load_weights,
+    read_config,
+    read_trainer_state,
+    remove_unfinished,
+    restore_rng,
+    save_checkpoint,
+)
+from slmforge.checkpoint.integrity import CheckpointError, read_json, read_tensors, write_json_atomic
 from slmforge.config import ConfigError, PhaseConfig, RunConfig, check_vocab
 from slmforge.data.loader import TokenDataset, TrainBatches, val_batches
-from slmforge.hardware import choose_threads
+from slmforge.eval.heldout import eval_sums, figures
+from slmforge.hardware import autocast, choose_dtype, choose_threads
 from slmforge.model import build_model
 from slmforge.model.stats import model_stats
 from slmforge.optim import (
@@ -46,22 +58,9 @@ from slmforge.optim import (
 )
 from slmforge.tokenizer import Tokenizer, load_tokenizer
 from slmforge.train import distributed
-from slmforge.train.checkpoint import (
-    find_checkpoint,
-    latest_checkpoint,
-    load_weights,
-    read_config,
-    read_trainer_state,
-    remove_unfinished,
-    restore_rng,
-    save_checkpoint,
-)
 from slmforge.train.errors import TrainingError
-from slmforge.train.evaluate import eval_sums, figures
-from slmforge.train.integrity import CheckpointError, read_json, read_tensors, write_json_atomic
 from slmforge.train.loss import lm_loss
 from slmforge.train.metrics import MetricsLog, json_safe, load_metrics, log
-from slmforge.train.precision import autocast, choose_dtype
 from slmforge.train.report import run_report
 from slmforge.train.run_folder import check_run_dir, config_changes, prepare_run_dir
 

@@ -48,6 +48,6 @@ def evaluate(model, batches, token_byte_lengths, autocast_ctx=None) -> dict:
     """dict(loss, ppl, bpb) of `model` on `batches` [(x, y), ...].
 
     token_byte_lengths: bytes per token id (`Tokenizer.token_byte_lengths()`); autocast_ctx: a reusable
-    context entered around each forward pass (`precision.autocast(device, dtype)`), None for none.
+    context entered around each forward pass (`slmforge.hardware.autocast(device, dtype)`), None for none.
     """
     return figures(eval_sums(model, batches, token_byte_lengths, autocast_ctx))

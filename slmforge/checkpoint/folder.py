@@ -1,4 +1,4 @@
-"""Checkpoint folders: written atomically, found again by resume, verified and loaded strictly.
+"""Checkpoint folders: written atomically, found again, verified, read strictly.
 
     step_N/                       the state after N optimizer steps of a phase
       config.json                 the resolved RunConfig (with format_version): the model's identity
@@ -21,17 +21,16 @@ import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
+from tqdm import tqdm
 
-from slmforge.config import ConfigError, RunConfig, from_dict
-from slmforge.model import build_model
-from slmforge.tokenizer import Tokenizer, load_tokenizer
-from slmforge.train.integrity import (
+from slmforge.checkpoint.integrity import (
     CHECKSUMS,
     CheckpointError,
     check_weights,
@@ -41,7 +40,8 @@ from slmforge.train.integrity import (
     verify_files,
     write_checksums,
 )
-from slmforge.train.metrics import log
+from slmforge.config import ConfigError, RunConfig, from_dict
+from slmforge.tokenizer import Tokenizer, load_tokenizer
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TMP_PREFIX = ".tmp-"
@@ -75,6 +75,11 @@ def _fsync_tree(folder: Path) -> None:
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def to_stderr(message: str) -> None:
+    """The default way warnings about checkpoints reach the user."""
+    tqdm.write(message, file=sys.stderr)  # through tqdm: a progress bar on the screen stays whole
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:
@@ -192,7 +197,7 @@ def verify_checkpoint(checkpoint: Path, trainer_state: bool) -> None:
         raise CheckpointError(f"{checkpoint}: no {TRAINER_STATE}/state.json, so training cannot resume from it")
 
 
-def find_checkpoint(path: str | Path, trainer_state: bool = False, warn: Callable[[str], None] = log) -> Path:
+def find_checkpoint(path: str | Path, trainer_state: bool = False, warn: Callable[[str], None] = to_stderr) -> Path:
     """The checkpoint to load from `path`, verified against its checksums.
 
     A checkpoint folder must be intact itself. In a run or phase folder, the newest intact checkpoint:
@@ -244,21 +249,9 @@ def read_trainer_state(checkpoint: Path) -> tuple[dict, dict[str, torch.Tensor],
     return read_state(checkpoint), read_tensors(folder / "optimizer.safetensors"), read_tensors(folder / "rng.safetensors")
 
 
-def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, RunConfig, Tokenizer]:
-    """(model, cfg, tokenizer) from a checkpoint folder, or the newest intact checkpoint of a run folder.
-
-    The model is built from the checkpoint's own config.json, on the CPU in fp32, in eval mode.
-    """
-    return load_checkpoint_folder(find_checkpoint(path))
-
-
-def load_checkpoint_folder(checkpoint: Path) -> tuple[torch.nn.Module, RunConfig, Tokenizer]:
-    """load_checkpoint of a checkpoint folder that find_checkpoint has already verified."""
-    cfg = read_config(checkpoint)
-    model = build_model(cfg.model)
-    load_weights(model, read_tensors(checkpoint / "model.safetensors"), str(checkpoint / "model.safetensors"))
+def read_tokenizer(checkpoint: Path) -> Tokenizer:
+    """The checkpoint's tokenizer; a CheckpointError names a file that does not parse."""
     try:
-        tokenizer = load_tokenizer(checkpoint)
+        return load_tokenizer(checkpoint)
     except ValueError as e:
         raise CheckpointError(f"{checkpoint / 'tokenizer.json'} is damaged ({e})") from None
-    return model.eval(), cfg, tokenizer
