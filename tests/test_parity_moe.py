@@ -6,6 +6,7 @@ covers softmax top-k routing and the sigmoid-gated shared expert. The name table
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from slmforge.config import MLAConfig, ModelConfig, MoEConfig, validate_model
 from slmforge.export.names import from_hf, to_hf
@@ -29,13 +30,14 @@ def _random(cfg: ModelConfig, seed: int = 0) -> Transformer:
     return model
 
 
-def _load_into(hf, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy `tensors` (HF names) into `hf`, requiring every HF parameter and buffer to be covered."""
-    state = hf.state_dict()
-    assert not set(tensors) - set(state), set(tensors) - set(state)
-    missing = {k for k in set(state) - set(tensors) if "rotary_emb" not in k}  # RoPE tables are derived
-    assert not missing, missing
-    hf.load_state_dict({**state, **tensors})
+def _load_into(hf_cfg, tensors: dict[str, torch.Tensor], folder):
+    """transformers' model of `hf_cfg` loaded from a checkpoint folder holding `tensors` (HF's on-disk
+    names, per-expert matrices), with every parameter and buffer of the model covered."""
+    hf_cfg.save_pretrained(folder)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors")
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not any(info.values()), info  # nothing missing, unexpected or mismatched
+    return hf.eval()
 
 
 def assert_round_trip(model: Transformer, family: str) -> None:
@@ -47,7 +49,7 @@ def assert_round_trip(model: Transformer, family: str) -> None:
         assert torch.equal(tensor, state[name]), name
 
 
-def test_deepseek_v3_parity():
+def test_deepseek_v3_parity(tmp_path):
     cfg = ModelConfig(**COMMON, rope_layout="pairs", attention="mla",
                       mla=MLAConfig(q_lora_rank=24, kv_lora_rank=16, qk_head_dim=16, rope_head_dim=8, v_head_dim=12),
                       ffn="moe", moe=MoEConfig(n_experts=6, top_k=2, expert_d_ff=32, shared_d_ff=32, score="sigmoid",
@@ -61,9 +63,9 @@ def test_deepseek_v3_parity():
         topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1, norm_topk_prob=True, max_position_embeddings=64,
         rms_norm_eps=1e-6, tie_word_embeddings=False, rope_interleave=True, attention_bias=False,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    hf = transformers.DeepseekV3ForCausalLM(hf_cfg).eval()
 
-    _load_into(hf, to_hf(model.state_dict(), "deepseek_v3"))
+    hf = _load_into(hf_cfg, to_hf(model.state_dict(), "deepseek_v3"), tmp_path)
+    assert type(hf).__name__ == "DeepseekV3ForCausalLM"
     assert_round_trip(model, "deepseek_v3")
     tokens = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -72,7 +74,7 @@ def test_deepseek_v3_parity():
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 
-def test_qwen2_moe_parity():
+def test_qwen2_moe_parity(tmp_path):
     cfg = ModelConfig(**COMMON, n_kv_heads=2, head_dim=16, rope_layout="half", ffn="moe",
                       moe=MoEConfig(n_experts=8, top_k=3, expert_d_ff=32, shared_d_ff=48, shared_gate=True,
                                     score="softmax", norm_topk=False, first_dense_layers=1, bias_update_rate=0.0))
@@ -87,10 +89,9 @@ def test_qwen2_moe_parity():
         num_experts=8, num_experts_per_tok=3, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[0],
         max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False, qkv_bias=False,
         use_sliding_window=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    hf = transformers.Qwen2MoeForCausalLM(hf_cfg).eval()
-    assert hf.model.layers[0].self_attn.q_proj.bias is None
 
-    _load_into(hf, to_hf(model.state_dict(), "qwen2_moe"))
+    hf = _load_into(hf_cfg, to_hf(model.state_dict(), "qwen2_moe"), tmp_path)
+    assert hf.model.layers[0].self_attn.q_proj.bias is None
     assert_round_trip(model, "qwen2_moe")
     tokens = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():

@@ -2,8 +2,8 @@
 
 slmforge names its weights one readable way (`layers.3.attn.q_proj.weight`,
 `layers.3.ffn.experts.gate_proj` stacked [E, f, d]); every other format is a table from those names plus:
-  - stacked experts: transformers 5 packs each layer's gate and up projections into one
-    `experts.gate_up_proj` [E, 2f, d] (gate rows first) beside `experts.down_proj`;
+  - stacked experts: Hugging Face checkpoints name each expert's matrices apart
+    (`mlp.experts.7.gate_proj.weight`; transformers 5 fuses them in memory when it loads them);
   - a tied head: stored once, as the embedding (no `lm_head.weight` on either side);
   - the RoPE layout: llama.cpp's `permute` turns the q/k rows of a "half" (rotate-half) model into the
     "pairs" order GGUF's llama architecture expects;
@@ -13,6 +13,8 @@ tables the exporter and importer use.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -33,7 +35,8 @@ HF_FAMILY = {
 }
 # Ours only, per family: (suffix inside a layer, what the other side assumes it is).
 HF_OURS_ONLY = {"qwen2_moe": (("ffn.router.balance_bias", "zero"),)}
-GATE, UP, GATE_UP = "experts.gate_proj", "experts.up_proj", "experts.gate_up_proj"
+STACKED = ("gate_proj", "up_proj", "down_proj")  # ours: experts.<p> [E, out, in]; theirs: experts.<e>.<p>.weight
+PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 # CodeMind's released checkpoints (attn_res_operators.*) for model.residual=attnres_codemind.
 CODEMIND_RESIDUAL = ("attn_res_operators.{i}.pseudo_query", "residual.queries.{i}")
@@ -50,6 +53,8 @@ def hf_name(name: str, family: str) -> str:
     renames = _family(family)
     if name in HF_TOP:
         return HF_TOP[name]
+    if not name.startswith("layers."):
+        raise ValueError(f"{name}: no {family} weight holds this (it is slmforge's own)")
     _, index, rest = name.split(".", 2)
     for ours, theirs in (*HF_LAYER, *renames):
         if rest.startswith(ours):
@@ -62,41 +67,42 @@ def _ours_only(name: str, family: str) -> bool:
 
 
 def to_hf(state: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
-    """Our state dict -> transformers tensors for `family`; raises ValueError for a weight the family cannot
-    hold (a non-zero balancing bias in Qwen2-MoE)."""
+    """Our state dict -> the tensors of a Hugging Face checkpoint of `family`; raises ValueError for a weight
+    the family cannot hold (a non-zero balancing bias in Qwen2-MoE)."""
     out = {}
     for name, tensor in state.items():
         if _ours_only(name, family):
             if torch.count_nonzero(tensor):
                 raise ValueError(f"{name} is not zero, and {family} has no such weight")
             continue
-        if name.endswith(UP):
-            continue  # packed with its gate below
-        if name.endswith(GATE):
-            up = state[name.removesuffix(GATE) + UP]
-            out[hf_name(name, family).removesuffix(GATE) + GATE_UP] = torch.cat((tensor, up), dim=1)
+        stem, _, last = name.rpartition(".")
+        if stem.endswith(".experts") and last in STACKED:
+            theirs = hf_name(name, family).rpartition(".")[0]
+            out.update({f"{theirs}.{e}.{last}.weight": tensor[e] for e in range(tensor.shape[0])})
             continue
         out[hf_name(name, family)] = tensor
     return out
 
 
 def from_hf(tensors: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
-    """transformers tensors of `family` -> our names (the inverse of to_hf; ours-only weights are absent)."""
-    theirs = {}
+    """The tensors of a Hugging Face checkpoint of `family` -> our names, experts stacked (the inverse of
+    to_hf; ours-only weights are absent). A layer's experts must be numbered 0..E-1 without gaps."""
+    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    ours = {}
     for name, tensor in tensors.items():
-        if name.endswith(GATE_UP):
-            gate, up = tensor.chunk(2, dim=1)
-            theirs[name.removesuffix(GATE_UP) + GATE] = gate
-            theirs[name.removesuffix(GATE_UP) + UP] = up
-        else:
-            theirs[name] = tensor
-    inverse = {}
-    for name, tensor in theirs.items():
-        ours = _our_name(name, family)
-        if ours is None:
+        match = PER_EXPERT.match(name)
+        if match:
+            experts.setdefault((match[1], match[3]), {})[int(match[2])] = tensor
+            continue
+        mapped = _our_name(name, family)
+        if mapped is None:
             raise ValueError(f"{name}: no slmforge weight has this name in the {family} table")
-        inverse[ours] = tensor
-    return inverse
+        ours[mapped] = tensor
+    for (stem, part), by_index in experts.items():
+        if sorted(by_index) != list(range(len(by_index))):
+            raise ValueError(f"{stem}: experts {sorted(by_index)} are not numbered 0..{len(by_index) - 1}")
+        ours[f"{_our_name(stem, family)}.{part}"] = torch.stack([by_index[e] for e in range(len(by_index))])
+    return ours
 
 
 def _our_name(name: str, family: str) -> str | None:
