@@ -1,4 +1,4 @@
-"""`slmforge` command line: info, tokenizer train, data prepare, train, eval, sample, plot."""
+"""`slmforge` command line: info, tokenizer train, data prepare, train, eval, sample, export, plot."""
 
 from __future__ import annotations
 
@@ -197,6 +197,13 @@ def _sample_speculative(model, tokenizer, prompts: list[str], params) -> None:
               f"(x{plain_s / spec.seconds * len(spec.token_ids) / max(plain.n_generated, 1):.2f})")
 
 
+def cmd_export(args) -> None:
+    from slmforge.export.hf import export_hf
+
+    out, family = export_hf(args.run, args.out, force=args.force)
+    print(f"{out}: {family} ({out / 'config.json'}), loads with transformers' AutoModelForCausalLM.from_pretrained")
+
+
 def cmd_plot(args) -> None:
     from slmforge.plot import plot_runs
 
@@ -273,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", action="store_true",
                    help="greedy decoding drafted by the model's MTP module; reports acceptance and speed-up")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export", help="write a run's model in another format: a Hugging Face folder")
+    p.add_argument("run", help="run folder (its newest intact checkpoint) or checkpoint folder")
+    p.add_argument("--to", choices=["hf"], required=True, help="hf: a folder transformers loads with its own classes")
+    p.add_argument("out", help="the folder to write")
+    p.add_argument("--force", action="store_true", help="replace an existing output (once the new one is complete)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plot", help="training curves of one or more runs as one PNG (needs slmforge[plot])")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (each with a metrics.jsonl)")

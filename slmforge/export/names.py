@@ -25,6 +25,8 @@ HF_LAYER = (("attn_norm.", "input_layernorm."), ("ffn_norm.", "post_attention_la
 # Renames inside a layer, applied after HF_LAYER, per transformers model family.
 HF_FAMILY = {
     "llama": (),
+    "qwen3": (),  # Llama's names, with self_attn.q_norm / k_norm
+    "qwen3_moe": (("mlp.router.weight", "mlp.gate.weight"),),
     "qwen2_moe": (("mlp.router.weight", "mlp.gate.weight"), ("mlp.shared_gate.", "mlp.shared_expert_gate.")),
     "deepseek_v3": (("mlp.router.weight", "mlp.gate.weight"),
                     ("mlp.router.balance_bias", "mlp.gate.e_score_correction_bias"),
@@ -34,7 +36,7 @@ HF_FAMILY = {
                     ("self_attn.kv_a_proj.", "self_attn.kv_a_proj_with_mqa.")),
 }
 # Ours only, per family: (suffix inside a layer, what the other side assumes it is).
-HF_OURS_ONLY = {"qwen2_moe": (("ffn.router.balance_bias", "zero"),)}
+HF_OURS_ONLY = {family: (("ffn.router.balance_bias", "zero"),) for family in ("qwen2_moe", "qwen3_moe")}
 STACKED = ("gate_proj", "up_proj", "down_proj")  # ours: experts.<p> [E, out, in]; theirs: experts.<e>.<p>.weight
 PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 

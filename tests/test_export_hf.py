@@ -1,0 +1,106 @@
+"""`slmforge export --to hf`: each native family loads in stock transformers (trust_remote_code=False) with
+logits within 1e-4 of slmforge's and the same 32 greedy tokens; what no native class computes is refused
+with one line per field; the output is written whole or not at all."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from slmforge.checkpoint import save_checkpoint
+from slmforge.cli import main
+from slmforge.config import load_config
+from slmforge.export.hf import export_hf
+from slmforge.infer import SamplingParams, generate_ids
+from slmforge.infer.load import load_model
+from slmforge.model import build_model
+from slmforge.tokenizer import byte_tokenizer
+
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is not installed (pip install -e '.[test]'): no export check")
+
+DENSE = ["model.vocab_size=288", "model.attention_pattern=[global]", "model.final_logit_softcap=null",
+         "model.max_seq_len=128"]
+MOE = ["model.ffn=moe", "model.moe.n_experts=6", "model.moe.top_k=2", "model.moe.expert_d_ff=32",
+       "model.moe.first_dense_layers=1", "model.n_layers=3"]
+FORMS = {
+    "llama": DENSE,
+    "llama-untied-pairs-mha": [*DENSE, "model.tie_embeddings=false", "model.rope_layout=pairs", "model.n_kv_heads=4"],
+    "llama-bias": [*DENSE, "model.bias=true"],
+    "qwen3": [*DENSE, "model.qk_norm=true", "model.rope_layout=pairs"],
+    "qwen3-sliding": [*DENSE, "model.qk_norm=true", "model.attention_pattern=[sliding, global]",
+                      "model.sliding_window=8"],
+    "qwen2_moe": [*DENSE, *MOE, "model.moe.shared_d_ff=48", "model.moe.shared_gate=true", "model.moe.norm_topk=false",
+                  "model.moe.bias_update_rate=0"],
+    "qwen3_moe": [*DENSE, *MOE, "model.qk_norm=true", "model.moe.norm_topk=true", "model.moe.bias_update_rate=0"],
+    "deepseek_v3": [*DENSE, *MOE, "model.attention=mla", "model.rope_layout=pairs", "model.mla.q_lora_rank=24",
+                    "model.mla.kv_lora_rank=16", "model.mla.qk_head_dim=16", "model.mla.rope_head_dim=8",
+                    "model.mla.v_head_dim=12", "model.moe.score=sigmoid", "model.moe.shared_d_ff=32",
+                    "model.moe.norm_topk=true", "model.moe.route_scale=2.5"],
+}
+
+
+def checkpoint(folder: Path, overrides: list[str], seed: int = 0) -> Path:
+    """A checkpoint of random weights (non-trivial norms and routing biases, so a swapped part shows)."""
+    cfg = load_config("tiny", overrides)
+    torch.manual_seed(seed)
+    model = build_model(cfg.model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0.0, 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("balance_bias") and cfg.model.moe.bias_update_rate:
+                b.normal_(0.0, 0.2)
+    return save_checkpoint(folder / "step_1", cfg=cfg, model_state=model.state_dict(), tokenizer=byte_tokenizer(),
+                           optimizer_tensors={}, state={"step": 1}, keep_last=1)
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_native_export_matches(form, tmp_path):
+    source = checkpoint(tmp_path, FORMS[form])
+    out, family = export_hf(source, tmp_path / "hf")
+    assert family == form.split("-")[0]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False).eval()
+    assert type(hf).__name__ == transformers.AutoConfig.from_pretrained(out).architectures[0]
+    ours = load_model(source, device="cpu").model
+    tokens = torch.randint(0, 288, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, ours(tokens)[0], atol=1e-4, rtol=0)
+        prompt = tokens[:1, :9]
+        theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, min_new_tokens=32,
+                             do_sample=False, pad_token_id=0)[0, 9:].tolist()
+    params = SamplingParams(max_new_tokens=32, min_new_tokens=32, temperature=0.0)
+    assert generate_ids(ours, [prompt[0].tolist()], params)[0].token_ids == theirs
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer("def f(x):\n  return 2")["input_ids"] == byte_tokenizer().encode("def f(x):\n  return 2")
+
+
+@pytest.mark.parametrize(("overrides", "reasons"), [
+    (["model.vocab_size=288"], ["model.final_logit_softcap=30.0", "model.attention_pattern=['sliding', 'global']"]),
+    ([*DENSE, "model.residual=attnres_block", "model.residual_blocks=2", "model.mtp_depth=1"],
+     ["model.residual=attnres_block", "model.mtp_depth=1"]),
+    ([*FORMS["qwen2_moe"], "model.moe.score=sigmoid", "model.moe.route_scale=2.0"],
+     ["model.moe.score=sigmoid", "model.moe.route_scale=2.0"]),
+    ([*FORMS["qwen2_moe"][:-1], "model.moe.bias_update_rate=0.001"], ["model.moe.bias_update_rate=0.001"]),
+    ([*FORMS["deepseek_v3"], "model.mla.rope_mode=whole_head", "model.mla.rope_head_dim=0", "model.moe.score=softmax"],
+     ["model.mla.rope_mode=whole_head", "model.moe.score=softmax"]),
+])
+def test_what_no_native_class_computes_is_refused(overrides, reasons, tmp_path, capsys):
+    source = checkpoint(tmp_path, overrides)
+    assert main(["export", str(source), "--to", "hf", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("slmforge: error: ") and "no transformers class computes this model exactly" in err[0]
+    assert [line.strip().split(":")[0] for line in err[1:]] == reasons
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.tmp-*"))
+
+
+def test_existing_output_needs_force(tmp_path, capsys):
+    source = checkpoint(tmp_path, FORMS["llama"])
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "mine.txt").write_text("keep")
+    assert main(["export", str(source), "--to", "hf", str(tmp_path / "hf")]) == 2
+    assert "already exists: pass --force" in capsys.readouterr().err
+    assert (tmp_path / "hf" / "mine.txt").read_text() == "keep"
+    assert main(["export", str(source), "--to", "hf", str(tmp_path / "hf"), "--force"]) == 0
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
