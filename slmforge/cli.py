@@ -1,4 +1,4 @@
-"""`slmforge` command line: info, tokenizer train, data prepare, train, eval, sample, export, plot."""
+"""`slmforge` command line: info, tokenizer train, data prepare, train, eval, sample, export, import, plot."""
 
 from __future__ import annotations
 
@@ -204,6 +204,13 @@ def cmd_export(args) -> None:
     print(f"{out}: {family} ({out / 'config.json'}), loads with transformers' AutoModelForCausalLM.from_pretrained")
 
 
+def cmd_import(args) -> None:
+    from slmforge.export.hf_import import import_hf
+
+    out = import_hf(args.src, args.out, force=args.force)
+    print(f"{out}: an slmforge checkpoint (eval, sample, export, train --init {out})")
+
+
 def cmd_plot(args) -> None:
     from slmforge.plot import plot_runs
 
@@ -287,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the folder to write")
     p.add_argument("--force", action="store_true", help="replace an existing output (once the new one is complete)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="turn a Hugging Face model folder into an slmforge checkpoint folder")
+    p.add_argument("src", help="a folder with config.json, model.safetensors (or shards) and tokenizer.json: "
+                   "Llama, Qwen3, Qwen2-MoE, Qwen3-MoE or DeepseekV3")
+    p.add_argument("out", help="the checkpoint folder to write")
+    p.add_argument("--force", action="store_true", help="replace an existing output (once the new one is complete)")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("plot", help="training curves of one or more runs as one PNG (needs slmforge[plot])")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (each with a metrics.jsonl)")

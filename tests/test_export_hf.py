@@ -2,6 +2,7 @@
 logits within 1e-4 of slmforge's and the same 32 greedy tokens; what no native class computes is refused
 with one line per field; the output is written whole or not at all."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,54 @@ def test_existing_output_needs_force(tmp_path, capsys):
     assert main(["export", str(source), "--to", "hf", str(tmp_path / "hf"), "--force"]) == 0
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+
+
+@pytest.mark.parametrize("form", ["llama-untied-pairs-mha", "qwen3-sliding", "qwen2_moe", "qwen3_moe", "deepseek_v3"])
+def test_export_then_import_gives_identical_tensors(form, tmp_path):
+    source = checkpoint(tmp_path, FORMS[form])
+    out, _ = export_hf(source, tmp_path / "hf")
+    assert main(["import", str(out), str(tmp_path / "back")]) == 0
+    original, back = load_model(source, device="cpu"), load_model(tmp_path / "back", device="cpu")
+    tokens = torch.randint(0, 288, (1, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(back.model(tokens)[0], original.model(tokens)[0], atol=1e-5, rtol=0)
+    assert back.config.model.layer_windows() == original.config.model.layer_windows()
+    if "pairs" not in form:  # a "pairs" GQA model comes back in the rotate-half layout, its q/k rows permuted
+        for name, tensor in original.model.state_dict().items():
+            assert torch.equal(back.model.state_dict()[name], tensor), name
+
+
+def test_import_a_model_made_by_transformers(tmp_path):
+    """A Llama that transformers itself initialised and saved: our logits are its logits."""
+    hf_cfg = transformers.LlamaConfig(vocab_size=288, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=True, bos_token_id=256, eos_token_id=257)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    byte_tokenizer().save(tmp_path / "hf")
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 0
+    ours = load_model(tmp_path / "ours", device="cpu").model
+    tokens = torch.randint(0, 288, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens)[0], hf(tokens).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda cfg, folder: cfg.update(model_type="gpt2"), "model_type 'gpt2': slmforge imports llama"),
+    (lambda cfg, folder: cfg.update(hidden_act="gelu"), "hidden_act 'gelu'"),
+    (lambda cfg, folder: cfg.update(rope_parameters={"rope_type": "yarn", "factor": 4.0}), "rope type 'yarn'"),
+    (lambda cfg, folder: cfg.update(vocab_size=200), "model.vocab_size=200 is smaller than the tokenizer"),
+    (lambda cfg, folder: (folder / "model.safetensors").rename(folder / "pytorch_model.bin"), "pickles"),
+    (lambda cfg, folder: cfg.update(intermediate_size=80), "shape mismatches"),
+])
+def test_import_refusals(change, message, tmp_path, capsys):
+    source = checkpoint(tmp_path, FORMS["llama"])
+    out, _ = export_hf(source, tmp_path / "hf")
+    cfg = json.loads((out / "config.json").read_text())
+    change(cfg, out)
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert main(["import", str(out), str(tmp_path / "back")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("slmforge: error:") and message in err and "Traceback" not in err
+    assert not (tmp_path / "back").exists() and not list(tmp_path.glob(".tmp-*"))

@@ -104,9 +104,10 @@ def save_checkpoint(
     tokenizer: Tokenizer,
     optimizer_tensors: dict[str, torch.Tensor],
     state: dict,
-    keep_last: int,
+    keep_last: int | None,
 ) -> Path:
-    """Write checkpoint `folder` (…/step_N) atomically, then keep only the newest `keep_last` beside it."""
+    """Write checkpoint `folder` (…/step_N) atomically, replacing one already there once the new one is
+    complete; then keep only the newest `keep_last` step_N folders beside it (None: touch nothing else)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     remove_unfinished(folder.parent)
@@ -129,7 +130,7 @@ def save_checkpoint(
         shutil.rmtree(folder)
     os.rename(tmp, folder)
     _fsync(folder.parent)  # the rename itself
-    for old in list_checkpoints(folder.parent)[:-keep_last]:
+    for old in list_checkpoints(folder.parent)[:-keep_last] if keep_last else []:
         shutil.rmtree(old)
     return folder
 

@@ -26,21 +26,22 @@ _BYTE_CHARS = frozenset(pre_tokenizers.ByteLevel.alphabet())  # GPT-2's printabl
 
 
 class Tokenizer:
-    """Encode/decode text; wraps `hf`, a `tokenizers.Tokenizer` that has `<|bos|>` and `<|eos|>` tokens."""
+    """Encode/decode text; wraps `hf`, a `tokenizers.Tokenizer` whose special tokens include the bos and eos
+    tokens named (ours by default: `<|bos|>`, `<|eos|>`; an imported model's from its tokenizer_config.json)."""
 
-    def __init__(self, hf: tokenizers.Tokenizer):
+    def __init__(self, hf: tokenizers.Tokenizer, bos: str = BOS, eos: str = EOS, pad: str | None = PAD):
         self.hf = hf
         # Text is data: a literal "<|eos|>" inside a document is encoded as its characters, so any text
         # round-trips and special ids appear only where asked for (bos/eos, chat code). This flag is not
         # saved in tokenizer.json: transformers maps such literals to the special ids (as chat templates want).
         hf.encode_special_tokens = True
         self.special_tokens = {t.content: i for i, t in sorted(hf.get_added_tokens_decoder().items()) if t.special}
-        for name in (BOS, EOS):
+        for name in (bos, eos):
             if name not in self.special_tokens:
                 raise ValueError(f"tokenizer has no special token {name}; specials: {list(self.special_tokens)}")
-        self.bos_id = self.special_tokens[BOS]
-        self.eos_id = self.special_tokens[EOS]
-        self.pad_id = self.special_tokens.get(PAD, self.eos_id)  # the byte tokenizer pads with eos
+        self.bos_id = self.special_tokens[bos]
+        self.eos_id = self.special_tokens[eos]
+        self.pad_id = self.special_tokens.get(pad, self.eos_id)  # the byte tokenizer pads with eos
 
     @property
     def vocab_size(self) -> int:
@@ -123,9 +124,27 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     except Exception as e:  # the Rust loader raises a bare Exception for any parse error
         raise ValueError(f"{file} is not a valid tokenizer.json: {e}") from e
     try:
-        return Tokenizer(hf)
+        return Tokenizer(hf, **_special_names(file.parent / "tokenizer_config.json"))
     except ValueError as e:
         raise ValueError(f"{file}: {e}") from e
+
+
+def _special_names(config_file: Path) -> dict[str, str]:
+    """bos/eos/pad token names from a tokenizer_config.json beside tokenizer.json (transformers writes them as
+    strings or as {"content": ...}); none there: ours."""
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    names = {}
+    for key in ("bos", "eos", "pad"):
+        value = config.get(f"{key}_token") if isinstance(config, dict) else None
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            names[key] = value
+    if "bos" not in names and "eos" in names:  # many models name only an end token: it starts text too
+        names["bos"] = names["eos"]
+    return names
 
 
 def _write_files(directory: Path, texts: dict[str, str]) -> None:
