@@ -120,6 +120,8 @@ def cmd_train(args) -> None:
     overrides = list(args.set)
     if args.data:
         overrides.insert(0, f"data.path={Path(args.data).resolve()}")  # eval/sample may run elsewhere
+    if args.init:
+        overrides.insert(0, f"train.init={Path(args.init).resolve()}")
     if args.recipe:
         from slmforge.recipes import run_recipe
 
@@ -255,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--recipe", help="a seed card's recipe (slmforge/recipes/): prepares its tokenizer and "
                        "data once, then trains")
     p.add_argument("--full", action="store_true", help="with --recipe: the card's full size (for a GPU)")
+    p.add_argument("--init", metavar="CHECKPOINT", help="start from these weights (a checkpoint or run folder, e.g. "
+                   "one written by `slmforge import`); the run's model is that checkpoint's (sets train.init)")
     p.add_argument("--data", help="a folder written by `slmforge data prepare` (sets data.path)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. model.n_layers=4")

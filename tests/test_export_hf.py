@@ -11,6 +11,8 @@ import torch
 from slmforge.checkpoint import save_checkpoint
 from slmforge.cli import main
 from slmforge.config import load_config
+from slmforge.data.loader import TokenDataset, val_batches
+from slmforge.eval.heldout import evaluate
 from slmforge.export.hf import export_hf
 from slmforge.infer import SamplingParams, generate_ids
 from slmforge.infer.load import load_model
@@ -156,3 +158,25 @@ def test_import_refusals(change, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("slmforge: error:") and message in err and "Traceback" not in err
     assert not (tmp_path / "back").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_train_from_imported_weights(tmp_path, capsys):
+    """`train --init`: the run's model is the checkpoint's, and its step-0 validation loss is the imported
+    model's own (the weights were loaded, not drawn afresh)."""
+    from helpers import word_dataset
+
+    data = word_dataset(tmp_path)
+    out, _ = export_hf(checkpoint(tmp_path, FORMS["qwen3"]), tmp_path / "hf")
+    assert main(["import", str(out), str(tmp_path / "imported")]) == 0
+    args = ["train", "--preset", "tiny", "--init", str(tmp_path / "imported"), "--data", str(data),
+            "--out", str(tmp_path / "run"), "--set", "train.steps=2", "--set", "train.dtype=fp32"]
+    assert main(args) == 0
+    run_model = load_model(tmp_path / "run", device="cpu").config.model
+    assert run_model == load_model(tmp_path / "imported", device="cpu").config.model and run_model.qk_norm
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    start = next(line["val_loss"] for line in lines if "val_loss" in line and line["step"] == 0)
+    imported = load_model(tmp_path / "imported", device="cpu")
+    batches = val_batches(TokenDataset(data), 64, 4, 2)  # the tiny preset's seq_len, batch_size, eval_batches
+    expected = evaluate(imported.model, batches, imported.tokenizer.token_byte_lengths())["loss"]
+    assert start == pytest.approx(expected, abs=1e-5)
+    assert "weights from" in capsys.readouterr().err

@@ -77,6 +77,7 @@ RULES: dict[type, dict[str, str | tuple | None]] = {
         "keep_last": POSITIVE, "max_bad_steps": POSITIVE, "rank_check_every": NON_NEGATIVE,
         "rank_warn_ratio": "(0, 1]",  # sigma_min / sigma_max never exceeds 1
         "threads": NON_NEGATIVE,
+        "init": None,  # a path, checked by the trainer when it opens it
     },
     PhaseConfig: {"name": None, "steps": POSITIVE},  # the name is a folder of the run (_validate_phase)
 }

@@ -170,6 +170,9 @@ class TrainConfig:
     rank_check_every: int = 0  # 0: off; else estimate Muon matrices' smallest singular value every N steps
     rank_warn_ratio: float = 1e-3  # warn when sigma_min / sigma_max falls below this
     threads: int = 0  # torch intra-op threads; 0: chosen from the model's size (small models lose time to more threads)
+    # a checkpoint or run folder whose weights the run starts from (fine-tuning, continued pretraining); the
+    # run's model section is then that checkpoint's
+    init: str | None = None
 
 
 @dataclass

@@ -20,7 +20,7 @@ from slmforge.train.errors import TrainingError
 
 RUN_FILES = ("config.json", "metrics.jsonl", "report.json", "data-meta.json")
 # Settings that change no number of the training itself: they may differ between sessions of a run.
-BOOKKEEPING = {"log_every", "eval_every", "save_every", "keep_last", "max_bad_steps", "rank_check_every",
+BOOKKEEPING = {"init", "log_every", "eval_every", "save_every", "keep_last", "max_bad_steps", "rank_check_every",
                "rank_warn_ratio", "eval_batches", "compile", "threads"}
 
 

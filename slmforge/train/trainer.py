@@ -41,7 +41,7 @@ from slmforge.checkpoint.folder import (
     save_checkpoint,
 )
 from slmforge.checkpoint.integrity import CheckpointError, read_json, read_tensors, write_json_atomic
-from slmforge.config import ConfigError, PhaseConfig, RunConfig, check_vocab
+from slmforge.config import ConfigError, PhaseConfig, RunConfig, check_vocab, from_dict
 from slmforge.data.loader import TokenDataset, TrainBatches, val_batches
 from slmforge.eval.heldout import eval_sums, figures
 from slmforge.hardware import autocast, choose_dtype, choose_threads
@@ -354,6 +354,10 @@ class Trainer:
         elif resume:
             self.log(f"--resume: no checkpoint in {self.out}, starting from scratch")
             self.metrics.resume(lambda line: False)
+        if checkpoint is None and self.cfg.train.init:
+            init = find_checkpoint(self.cfg.train.init, warn=self.log)
+            load_weights(self.model, read_tensors(init / "model.safetensors"), str(init / "model.safetensors"))
+            self.log(f"weights from {init} (train.init)")
         if self.progress.phase_index == len(self.phases):
             return self.finished_report(checkpoint, start)
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -389,6 +393,21 @@ class Trainer:
             write_json_atomic(self.out / "report.json", json_safe(report))
         return report
 
+def with_init_model(cfg: RunConfig) -> RunConfig:
+    """With train.init set, the run's model is the init checkpoint's (validated again with the run's data
+    settings); without it, `cfg` as it is."""
+    if not cfg.train.init:
+        return cfg
+    try:
+        model = dataclasses.asdict(read_config(find_checkpoint(cfg.train.init, warn=log)).model)
+    except CheckpointError as e:
+        raise ConfigError(f"train.init={cfg.train.init}: {e}") from None
+    try:
+        return from_dict({**cfg.to_dict(), "model": model})
+    except ConfigError as e:
+        raise ConfigError(f"train.init={cfg.train.init}: the run's settings do not fit its model: {e}") from None
+
+
 def train(cfg: RunConfig, out_dir, resume: bool = False, fresh: bool = False, allow_changes: bool = False) -> dict:
     """Train `cfg` into run folder `out_dir`; return the final report (also written to RUN/report.json).
 
@@ -399,6 +418,7 @@ def train(cfg: RunConfig, out_dir, resume: bool = False, fresh: bool = False, al
     """
     out = Path(out_dir)
     check_run_dir(out, resume, fresh)
+    cfg = with_init_model(cfg)
     datasets, tokenizer = open_data(cfg)
     d = distributed.setup()
     created = not out.exists()
