@@ -28,7 +28,7 @@ from slmforge.data.sources import default_sources
 from slmforge.hardware import choose_threads, cpu_count
 from slmforge.recipes import load_recipe_raw, recipe_config, resolve_recipe
 from slmforge.tokenizer import byte_tokenizer
-from slmforge.train.trainer import micro_step_flops
+from slmforge.train.setup import micro_step_flops
 
 # (row name, preset or recipe, steps timed)
 SHAPES = [

@@ -41,12 +41,11 @@ from slmforge.checkpoint.folder import (
     save_checkpoint,
 )
 from slmforge.checkpoint.integrity import CheckpointError, read_json, read_tensors, write_json_atomic
-from slmforge.config import ConfigError, PhaseConfig, RunConfig, check_vocab, from_dict
-from slmforge.data.loader import TokenDataset, TrainBatches, val_batches
+from slmforge.config import ConfigError, PhaseConfig, RunConfig
+from slmforge.data.loader import TrainBatches, val_batches
 from slmforge.eval.heldout import eval_sums, figures
 from slmforge.hardware import autocast, choose_dtype, choose_threads
 from slmforge.model import build_model
-from slmforge.model.stats import model_stats
 from slmforge.optim import (
     build_optimizers,
     load_optimizer_state,
@@ -56,13 +55,14 @@ from slmforge.optim import (
     set_lr,
     smallest_singular_ratios,
 )
-from slmforge.tokenizer import Tokenizer, load_tokenizer
+from slmforge.tokenizer import Tokenizer
 from slmforge.train import distributed
 from slmforge.train.errors import TrainingError
 from slmforge.train.loss import lm_loss
 from slmforge.train.metrics import MetricsLog, json_safe, load_metrics, log
 from slmforge.train.report import run_report
 from slmforge.train.run_folder import check_run_dir, config_changes, prepare_run_dir
+from slmforge.train.setup import micro_step_flops, open_data, phase_key, with_init_model
 
 
 @dataclass
@@ -76,38 +76,6 @@ class Progress:
     skipped_steps: int = 0
     best_val_loss: float | None = None
     last_val_loss: float | None = None
-
-
-# ----------------------------------------------------------------------------------------------
-# checks that run before any tensor exists
-
-
-def _phase_key(cfg: RunConfig, i: int, key: str) -> str:
-    return f"phases.{i}.{key}" if cfg.phases else key
-
-
-def open_data(cfg: RunConfig) -> tuple[list[TokenDataset], Tokenizer]:
-    """Each phase's dataset and the tokenizer they share, checked against the model's vocabulary."""
-    datasets, tokenizer = [], None
-    for i, phase in enumerate(cfg.run_phases()):
-        key = _phase_key(cfg, i, "data.path")
-        if not phase.data.path:
-            raise ConfigError(f"{key} is not set: pass --data DIR (a folder written by `slmforge data prepare`)")
-        if not Path(phase.data.path).is_dir():
-            raise ConfigError(f"{key}={phase.data.path}: no such folder (prepare one with `slmforge data prepare`)")
-        datasets.append(TokenDataset(phase.data.path))
-        phase_tokenizer = load_tokenizer(phase.data.path)
-        check_vocab(cfg.model, phase_tokenizer.vocab_size, f"the tokenizer of {key}={phase.data.path}")
-        if tokenizer is not None and phase_tokenizer.hf.to_str() != tokenizer.hf.to_str():
-            raise ConfigError(f"{key}={phase.data.path} was tokenized with a different tokenizer than phase 0's data")
-        tokenizer = tokenizer or phase_tokenizer
-    return datasets, tokenizer
-
-
-def micro_step_flops(cfg: RunConfig) -> float:
-    """Forward + backward FLOPs of the largest micro-batch of the run."""
-    return max(model_stats(cfg.model, p.data.seq_len)["train_flops_per_token"] * p.data.batch_size * p.data.seq_len
-               for p in cfg.run_phases())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,7 +210,7 @@ class Trainer:
         self.log(f"{phase.name} step {step}: non-finite loss {record['loss']} or grad norm {record['grad_norm']}; "
                  f"optimizer step skipped ({p.consecutive_skips} in a row, limit train.max_bad_steps={limit})")
         if p.consecutive_skips >= limit:
-            optim = _phase_key(self.cfg, p.phase_index, "optim")
+            optim = phase_key(self.cfg, p.phase_index, "optim")
             raise TrainingError(
                 f"training stopped: {p.consecutive_skips} optimizer steps in a row had a non-finite loss or gradient "
                 f"norm (phase '{phase.name}', step {step}). Try a lower learning rate ({optim}.lr / {optim}.muon_lr), "
@@ -392,21 +360,6 @@ class Trainer:
         if self.d.is_main:
             write_json_atomic(self.out / "report.json", json_safe(report))
         return report
-
-def with_init_model(cfg: RunConfig) -> RunConfig:
-    """With train.init set, the run's model is the init checkpoint's (validated again with the run's data
-    settings); without it, `cfg` as it is."""
-    if not cfg.train.init:
-        return cfg
-    try:
-        model = dataclasses.asdict(read_config(find_checkpoint(cfg.train.init, warn=log)).model)
-    except CheckpointError as e:
-        raise ConfigError(f"train.init={cfg.train.init}: {e}") from None
-    try:
-        return from_dict({**cfg.to_dict(), "model": model})
-    except ConfigError as e:
-        raise ConfigError(f"train.init={cfg.train.init}: the run's settings do not fit its model: {e}") from None
-
 
 def train(cfg: RunConfig, out_dir, resume: bool = False, fresh: bool = False, allow_changes: bool = False) -> dict:
     """Train `cfg` into run folder `out_dir`; return the final report (also written to RUN/report.json).
