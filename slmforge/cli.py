@@ -202,8 +202,9 @@ def _sample_speculative(model, tokenizer, prompts: list[str], params) -> None:
 def cmd_export(args) -> None:
     from slmforge.export.hf import export_hf
 
-    out, family = export_hf(args.run, args.out, force=args.force)
-    print(f"{out}: {family} ({out / 'config.json'}), loads with transformers' AutoModelForCausalLM.from_pretrained")
+    out, family = export_hf(args.run, args.out, force=args.force, native=args.native)
+    how = "trust_remote_code=True (remote code)" if family == "slmforge" else f"its native class ({family})"
+    print(f"{out}: loads with transformers' AutoModelForCausalLM.from_pretrained, {how}")
 
 
 def cmd_import(args) -> None:
@@ -297,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=["hf"], required=True, help="hf: a folder transformers loads with its own classes")
     p.add_argument("out", help="the folder to write")
     p.add_argument("--force", action="store_true", help="replace an existing output (once the new one is complete)")
+    p.add_argument("--native", action="store_true", help="demand a native transformers class; without it, a model "
+                   "no native class computes is exported as remote code")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", help="turn a Hugging Face model folder into an slmforge checkpoint folder")

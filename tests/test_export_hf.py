@@ -3,10 +3,14 @@ logits within 1e-4 of slmforge's and the same 32 greedy tokens; what no native c
 with one line per field; the output is written whole or not at all."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from slmforge.checkpoint import save_checkpoint
 from slmforge.cli import main
@@ -90,7 +94,7 @@ def test_native_export_matches(form, tmp_path):
 ])
 def test_what_no_native_class_computes_is_refused(overrides, reasons, tmp_path, capsys):
     source = checkpoint(tmp_path, overrides)
-    assert main(["export", str(source), "--to", "hf", str(tmp_path / "hf")]) == 2
+    assert main(["export", str(source), "--to", "hf", str(tmp_path / "hf"), "--native"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("slmforge: error: ") and "no transformers class computes this model exactly" in err[0]
     assert [line.strip().split(":")[0] for line in err[1:]] == reasons
@@ -180,3 +184,62 @@ def test_train_from_imported_weights(tmp_path, capsys):
     expected = evaluate(imported.model, batches, imported.tokenizer.token_byte_lengths())["loss"]
     assert start == pytest.approx(expected, abs=1e-5)
     assert "weights from" in capsys.readouterr().err
+
+
+# Loads an export where slmforge cannot be imported (a finder that refuses it is first on sys.meta_path), and
+# writes the logits of the tokens given and 32 greedy tokens from generate() with its cache.
+REMOTE_WORKER = """
+import importlib.abc, json, sys
+
+class NoSlmforge(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "slmforge":
+            raise ImportError("slmforge is not installed here")
+
+sys.meta_path.insert(0, NoSlmforge())
+import torch, transformers
+from safetensors.torch import load_file, save_file
+
+folder, io = sys.argv[1], sys.argv[2]
+model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+tokens = load_file(io + "/in.safetensors")["tokens"]
+with torch.no_grad():
+    logits = model(tokens).logits
+    prompt = tokens[:1, :9]
+    greedy = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, min_new_tokens=32,
+                            do_sample=False, pad_token_id=0)[:, 9:]
+save_file({"logits": logits.contiguous(), "greedy": greedy.contiguous()}, io + "/out.safetensors")
+print(type(model).__name__, "slmforge" in sys.modules)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["tiny", "quickstart", "nekomind-tiny", "axion1-tiny", "codemind-tiny",
+                                    "axl-code-tiny"])
+def test_remote_code_export_runs_without_slmforge(preset, tmp_path):
+    cfg = load_config(preset, ["model.vocab_size=288"] if preset != "axl-code-tiny" else [])
+    torch.manual_seed(3)
+    model = build_model(cfg.model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0.0, 0.1)
+    tokenizer = byte_tokenizer()
+    source = save_checkpoint(tmp_path / "step_1", cfg=cfg, model_state=model.state_dict(), tokenizer=tokenizer,
+                             optimizer_tensors={}, state={"step": 1}, keep_last=1)
+    out, family = export_hf(source, tmp_path / "hf")
+    assert family == "slmforge" and (out / "modeling_slmforge.py").is_file()
+    assert all("from slmforge" not in p.read_text() for p in out.glob("*.py"))
+
+    tokens = torch.randint(0, 258, (2, 40), generator=torch.Generator().manual_seed(4))
+    save_file({"tokens": tokens}, tmp_path / "in.safetensors")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": ""}
+    done = subprocess.run([sys.executable, "-c", REMOTE_WORKER, str(out), str(tmp_path)], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["SlmforgeForCausalLM", "False"]
+    theirs = load_file(tmp_path / "out.safetensors")
+    ours = load_model(source, device="cpu").model
+    with torch.no_grad():
+        torch.testing.assert_close(theirs["logits"], ours(tokens)[0], atol=1e-4, rtol=0)
+    params = SamplingParams(max_new_tokens=32, min_new_tokens=32, temperature=0.0)
+    assert theirs["greedy"][0].tolist() == generate_ids(ours, [tokens[0, :9].tolist()], params)[0].token_ids

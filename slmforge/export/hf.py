@@ -11,6 +11,7 @@ translated field by field, and each field no native class can express is a reaso
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 
 from slmforge.config import ModelConfig
 from slmforge.export.names import gguf_unpermute, to_hf
+from slmforge.export.remote import remote_code_files
 from slmforge.infer.load import LoadedModel, load_model
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
@@ -157,28 +159,37 @@ def hf_tensors(loaded: LoadedModel, family: str) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in to_hf(state, family).items()}
 
 
-def export_hf(run: str | Path, out: str | Path, force: bool = False) -> tuple[Path, str]:
-    """Export the model of `run` (a checkpoint or run folder) to the Hugging Face folder `out`; returns
-    (out, model_type). Written beside `out` under a temporary name and renamed into place: an existing `out`
-    is replaced only with `force`, and only once the new folder is complete."""
+def export_hf(run: str | Path, out: str | Path, force: bool = False, native: bool = False) -> tuple[Path, str]:
+    """Export the model of `run` (a checkpoint or run folder) to the Hugging Face folder `out`: a native class
+    where one computes the model exactly, else (unless `native`) a self-contained remote-code folder.
+    Returns (out, the model_type written). Written beside `out` under a temporary name and renamed into
+    place: an existing `out` is replaced only with `force`, and only once the new folder is complete."""
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"{out} already exists: pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder")
     loaded = load_model(run, device="cpu")
-    m = loaded.config.model
+    m, tok = loaded.config.model, loaded.tokenizer
     family, reasons = native_family(m, loaded.model.state_dict())
-    if family is None:
+    if family is None and native:
         raise ExportError(f"{loaded.checkpoint}: no transformers class computes this model exactly:\n  "
                           + "\n  ".join(reasons))
-    tok = loaded.tokenizer
+    if family is None:
+        config, sources = remote_code_files(dataclasses.asdict(m))
+        config.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+        tensors = {f"model.{k}": v.detach().to("cpu", torch.float32).contiguous()
+                   for k, v in loaded.model.state_dict().items()}
+    else:
+        config, sources, tensors = hf_config(m, family, tok.bos_id, tok.eos_id), {}, hf_tensors(loaded, family)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        (tmp / "config.json").write_text(json.dumps(hf_config(m, family, tok.bos_id, tok.eos_id), indent=2) + "\n")
-        save_file(hf_tensors(loaded, family), tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for name, text in sources.items():
+            (tmp / name).write_text(text)
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         tok.save(tmp)
         generation = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
@@ -188,4 +199,4 @@ def export_hf(run: str | Path, out: str | Path, force: bool = False) -> tuple[Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out, family
+    return out, config["model_type"]

@@ -16,16 +16,23 @@ from torch import nn
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_seq_len: int, base: float, layout: str):
         super().__init__()
-        self.layout = layout
+        self.head_dim, self.max_seq_len, self.base, self.layout = head_dim, max_seq_len, base, layout
+        # Not saved with the weights: derived from the config.
+        self.register_buffer("cos_full", None, persistent=False)  # [max_seq_len, d]
+        self.register_buffer("sin_signed", None, persistent=False)
+        self.reset_tables()
+
+    def reset_tables(self) -> None:
+        """Compute the tables again (a loader that builds modules without running their computations, as
+        transformers' from_pretrained does, leaves them unset)."""
         # in float64 on the CPU whatever the default device: the same tables everywhere
         cpu = torch.device("cpu")
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=cpu) / head_dim))
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64, device=cpu), inv_freq)
-        cos, sin = angles.cos().float(), angles.sin().float()
-        cos_full, sin_signed = full_tables(cos, sin, layout)
-        # Not saved with the weights: derived from the config.
-        self.register_buffer("cos_full", cos_full, persistent=False)  # [max_seq_len, d]
-        self.register_buffer("sin_signed", sin_signed, persistent=False)
+        d = self.head_dim
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, d, 2, dtype=torch.float64, device=cpu) / d))
+        angles = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float64, device=cpu), inv_freq)
+        cos_full, sin_signed = full_tables(angles.cos().float(), angles.sin().float(), self.layout)
+        device = self.cos_full.device if self.cos_full is not None and not self.cos_full.is_meta else cpu
+        self.cos_full, self.sin_signed = cos_full.to(device), sin_signed.to(device)
 
     def full_tables(self, positions: torch.Tensor | None, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-width (cos, sin_signed) for `rope` on x [B, T, H, d]: [T, 1, d] or [B, T, 1, d]."""
