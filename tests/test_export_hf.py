@@ -35,6 +35,12 @@ FORMS = {
     "llama-untied-pairs-mha": [*DENSE, "model.tie_embeddings=false", "model.rope_layout=pairs", "model.n_kv_heads=4"],
     "llama-bias": [*DENSE, "model.bias=true"],
     "qwen3": [*DENSE, "model.qk_norm=true", "model.rope_layout=pairs"],
+    "llama-yarn": [*DENSE, "model.rope_scaling.kind=yarn", "model.rope_scaling.factor=4.0",
+                   "model.rope_scaling.original_max_len=32"],
+    "llama-linear": [*DENSE, "model.rope_scaling.kind=linear", "model.rope_scaling.factor=2.5"],
+    "qwen3-yarn-attention-factor": [*DENSE, "model.qk_norm=true", "model.rope_scaling.kind=yarn",
+                                    "model.rope_scaling.factor=8.0", "model.rope_scaling.original_max_len=16",
+                                    "model.rope_scaling.beta_fast=16", "model.rope_scaling.attention_factor=1.0"],
     "qwen3-sliding": [*DENSE, "model.qk_norm=true", "model.attention_pattern=[sliding, global]",
                       "model.sliding_window=8"],
     "qwen2_moe": [*DENSE, *MOE, "model.moe.shared_d_ff=48", "model.moe.shared_gate=true", "model.moe.norm_topk=false",
@@ -147,7 +153,7 @@ def test_import_a_model_made_by_transformers(tmp_path):
 @pytest.mark.parametrize(("change", "message"), [
     (lambda cfg, folder: cfg.update(model_type="gpt2"), "model_type 'gpt2': slmforge imports llama"),
     (lambda cfg, folder: cfg.update(hidden_act="gelu"), "hidden_act 'gelu'"),
-    (lambda cfg, folder: cfg.update(rope_parameters={"rope_type": "yarn", "factor": 4.0}), "rope type 'yarn'"),
+    (lambda cfg, folder: cfg.update(rope_parameters={"rope_type": "longrope", "factor": 4.0}), "rope type 'longrope'"),
     (lambda cfg, folder: cfg.update(vocab_size=200), "model.vocab_size=200 is smaller than the tokenizer"),
     (lambda cfg, folder: (folder / "model.safetensors").rename(folder / "pytorch_model.bin"), "pickles"),
     (lambda cfg, folder: cfg.update(intermediate_size=80), "shape mismatches"),
@@ -243,3 +249,27 @@ def test_remote_code_export_runs_without_slmforge(preset, tmp_path):
         torch.testing.assert_close(theirs["logits"], ours(tokens)[0], atol=1e-4, rtol=0)
     params = SamplingParams(max_new_tokens=32, min_new_tokens=32, temperature=0.0)
     assert theirs["greedy"][0].tolist() == generate_ids(ours, [tokens[0, :9].tolist()], params)[0].token_ids
+
+
+@pytest.mark.parametrize("params", [
+    {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "attention_factor": 1.0},
+    {"rope_type": "linear", "factor": 3.0},
+])
+def test_rope_scaling_equals_transformers(params):
+    """Our inverse frequencies and cos/sin factor against transformers' own RoPE initialisers, same settings."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from slmforge.config import RopeScalingConfig
+    from slmforge.model.rope import inverse_frequencies
+
+    hf_cfg = transformers.LlamaConfig(hidden_size=128, num_attention_heads=4, max_position_embeddings=8192,
+                                      rope_parameters={"rope_theta": 10000.0, **params})
+    theirs, their_factor = ROPE_INIT_FUNCTIONS[params["rope_type"]](hf_cfg, "cpu")
+    scaling = RopeScalingConfig(kind=params["rope_type"], factor=params["factor"],
+                                original_max_len=params.get("original_max_position_embeddings", 0),
+                                beta_fast=params.get("beta_fast", 32.0), beta_slow=params.get("beta_slow", 1.0),
+                                attention_factor=params.get("attention_factor"))
+    ours, our_factor = inverse_frequencies(32, 10000.0, scaling)
+    torch.testing.assert_close(ours.float(), theirs.float(), atol=1e-7, rtol=1e-5)
+    assert our_factor == pytest.approx(their_factor)

@@ -15,6 +15,7 @@ from slmforge.config.tree import (
     MoEConfig,
     MultiScaleConfig,
     OptimConfig,
+    RopeScalingConfig,
     PhaseConfig,
     RunConfig,
     ScheduleConfig,
@@ -49,6 +50,11 @@ RULES: dict[type, dict[str, str | tuple | None]] = {
         "n_experts": POSITIVE, "top_k": POSITIVE, "expert_d_ff": POSITIVE, "shared_d_ff": NON_NEGATIVE,
         "score": ("softmax", "sigmoid"), "route_scale": POSITIVE, "first_dense_layers": NON_NEGATIVE,
         "bias_update_rate": NON_NEGATIVE, "balance_loss": NON_NEGATIVE,
+    },
+    RopeScalingConfig: {
+        "kind": ("none", "linear", "ntk", "yarn"), "factor": POSITIVE,
+        "original_max_len": NON_NEGATIVE,  # positive with yarn (_validate_rope_scaling)
+        "beta_fast": POSITIVE, "beta_slow": POSITIVE, "attention_factor": POSITIVE,
     },
     MultiScaleConfig: {"scales": POSITIVE, "layers_per_scale": POSITIVE, "cross_layers": NON_NEGATIVE},
     DataConfig: {
@@ -137,6 +143,9 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError("model.attention_pattern must list at least one of 'global', 'sliding'")
     if "sliding" in m.attention_pattern and m.sliding_window > m.max_seq_len:
         raise ConfigError(f"model.sliding_window={m.sliding_window} is larger than model.max_seq_len={m.max_seq_len}")
+    if m.rope_scaling.kind == "yarn" and m.rope_scaling.original_max_len <= 0:
+        raise ConfigError("model.rope_scaling.original_max_len must be positive with model.rope_scaling.kind=yarn "
+                          f"(the pretraining context), got {m.rope_scaling.original_max_len}")
     if m.attention == "mla":
         _validate_mla(m)
     if m.ffn == "moe":

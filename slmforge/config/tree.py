@@ -17,6 +17,21 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class RopeScalingConfig:
+    """RoPE frequencies for contexts longer than pretraining's (model.rope_scaling), as transformers names them:
+    "none"; "linear" (every frequency / factor); "ntk" (the base scaled by factor^(d/(d-2)), static); "yarn"
+    (frequencies between beta_slow and beta_fast rotations over original_max_len blended from interpolated to
+    extrapolated, cos and sin multiplied by attention_factor, by default 0.1 ln(factor) + 1)."""
+
+    kind: str = "none"
+    factor: float = 1.0
+    original_max_len: int = 0  # yarn: the pretraining context the correction range is measured against
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None  # yarn: None is 0.1 ln(factor) + 1 (transformers' default)
+
+
+@dataclass
 class MLAConfig:
     """Multi-head latent attention (DeepSeek-V2/V3), used when model.attention == "mla"."""
 
@@ -73,6 +88,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     rope_base: float = 10000.0
     rope_layout: str = "half"  # "half": rotate-half (Llama/HF, NEOX); "pairs": adjacent pairs (GPT-J)
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     qk_norm: bool = False
     tie_embeddings: bool = True
     bias: bool = False

@@ -48,6 +48,9 @@ def _common_blockers(m: ModelConfig) -> list[str]:
         reasons.append(f"model.residual={m.residual}: no native class has attention residuals")
     if m.mtp_depth:
         reasons.append(f"model.mtp_depth={m.mtp_depth}: no native class keeps multi-token-prediction modules")
+    if m.rope_scaling.kind == "ntk":
+        reasons.append("model.rope_scaling.kind=ntk: transformers has no static NTK-scaled RoPE (only 'dynamic', "
+                       "which changes with the length)")
     return reasons
 
 
@@ -92,6 +95,9 @@ def _qwen_moe_blockers(m: ModelConfig, family: str, state: dict | None) -> list[
 
 def _deepseek_blockers(m: ModelConfig) -> list[str]:
     a, e, reasons = m.mla, m.moe, []
+    if m.rope_scaling.kind != "none":
+        reasons.append(f"model.rope_scaling.kind={m.rope_scaling.kind}: DeepseekV3 also rescales its softmax under "
+                       "RoPE scaling, which slmforge's MLA does not")
     if a.rope_mode != "decoupled":
         reasons.append(f"model.mla.rope_mode={a.rope_mode}: DeepseekV3 rotates a separate RoPE key (decoupled)")
     if not a.latent_norm:
@@ -111,13 +117,27 @@ def _deepseek_blockers(m: ModelConfig) -> list[str]:
     return reasons
 
 
+def rope_parameters(m: ModelConfig) -> dict:
+    """transformers' rope_parameters for `m`'s RoPE base and scaling."""
+    r = m.rope_scaling
+    if r.kind == "none":
+        return {"rope_type": "default", "rope_theta": m.rope_base}
+    params = {"rope_type": r.kind, "rope_theta": m.rope_base, "factor": r.factor}
+    if r.kind == "yarn":
+        params.update(original_max_position_embeddings=r.original_max_len, beta_fast=r.beta_fast,
+                      beta_slow=r.beta_slow, truncate=True)
+        if r.attention_factor is not None:
+            params["attention_factor"] = r.attention_factor
+    return params
+
+
 def hf_config(m: ModelConfig, family: str, bos_id: int, eos_id: int) -> dict:
     """The transformers config.json of `m` as `family` (native_family must have chosen it)."""
     cfg = {"architectures": [ARCHITECTURES[family]], "model_type": family, "vocab_size": m.vocab_size,
            "hidden_size": m.d_model, "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads,
            "num_key_value_heads": m.n_kv_heads, "head_dim": m.head_dim, "intermediate_size": m.d_ff,
            "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps, "hidden_act": "silu",
-           "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_base},
+           "rope_parameters": rope_parameters(m),
            "tie_word_embeddings": m.tie_embeddings, "attention_bias": m.bias, "attention_dropout": 0.0,
            "bos_token_id": bos_id, "eos_token_id": eos_id, "torch_dtype": "float32", "use_cache": True}
     windows = m.layer_windows()

@@ -24,12 +24,25 @@ from slmforge.tokenizer import load_tokenizer
 SUPPORTED = ("llama", "qwen3", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 
 
-def _rope_base(hf: dict) -> float:
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+def _rope(hf: dict) -> dict:
+    """rope_base and rope_scaling of the model section from transformers' rope_parameters (or rope_scaling)."""
+    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
     kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind != "default":
-        raise ExportError(f"config.json rope type {kind!r}: slmforge computes only plain RoPE so far")
-    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    base = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if kind == "default":
+        return {"rope_base": base}
+    if kind not in ("linear", "yarn") or (kind == "yarn" and (rope.get("mscale") or not rope.get("truncate", True))):
+        raise ExportError(f"config.json rope type {kind!r} with {sorted(rope)}: slmforge computes plain, linear and "
+                          "YaRN RoPE (truncated range, no mscale)")
+    if hf.get("model_type") == "deepseek_v3":
+        raise ExportError(f"config.json rope type {kind!r}: DeepseekV3 also rescales its softmax under RoPE scaling, "
+                          "which slmforge's MLA does not")
+    scaling = {"kind": kind, "factor": rope["factor"]}
+    if kind == "yarn":
+        scaling.update(original_max_len=rope["original_max_position_embeddings"],
+                       beta_fast=rope.get("beta_fast") or 32.0, beta_slow=rope.get("beta_slow") or 1.0,
+                       attention_factor=rope.get("attention_factor"))
+    return {"rope_base": base, "rope_scaling": scaling}
 
 
 def model_section(hf: dict) -> dict:
@@ -45,7 +58,7 @@ def model_section(hf: dict) -> dict:
     m = {"vocab_size": hf["vocab_size"], "d_model": hf["hidden_size"], "n_layers": hf["num_hidden_layers"],
          "n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads,
          "head_dim": hf.get("head_dim") or hf["hidden_size"] // heads, "d_ff": hf["intermediate_size"],
-         "max_seq_len": hf["max_position_embeddings"], "norm_eps": hf["rms_norm_eps"], "rope_base": _rope_base(hf),
+         "max_seq_len": hf["max_position_embeddings"], "norm_eps": hf["rms_norm_eps"], **_rope(hf),
          "rope_layout": "half", "qk_norm": family in ("qwen3", "qwen3_moe"),
          "tie_embeddings": hf.get("tie_word_embeddings", False), "bias": bool(hf.get("attention_bias", False)),
          "attention_pattern": ["global"], "last_layer_global": False, "final_logit_softcap": None,

@@ -45,12 +45,12 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_slmforge import SlmforgeConfig
-from .slmforge_config import MLAConfig, ModelConfig, MoEConfig, MultiScaleConfig
+from .slmforge_config import MLAConfig, ModelConfig, MoEConfig, MultiScaleConfig, RopeScalingConfig
 from .slmforge_multiscale import MultiScaleTransformer
 from .slmforge_rope import RotaryEmbedding
 from .slmforge_transformer import Transformer
 
-_PARTS = {"mla": MLAConfig, "moe": MoEConfig, "multiscale": MultiScaleConfig}
+_PARTS = {"mla": MLAConfig, "moe": MoEConfig, "multiscale": MultiScaleConfig, "rope_scaling": RopeScalingConfig}
 
 
 def model_config(raw: dict) -> ModelConfig:

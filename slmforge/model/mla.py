@@ -59,7 +59,7 @@ class MLAttention(nn.Module):
         # whole_head rotates cached keys at their own positions, which the caller's tables (the queries'
         # positions) do not cover: a private copy of the tables (buffers only, not saved).
         self.key_rope = None if self.decoupled else RotaryEmbedding(
-            cfg.rope_dim(), cfg.max_seq_len, cfg.rope_base, cfg.rope_layout)
+            cfg.rope_dim(), cfg.max_seq_len, cfg.rope_base, cfg.rope_layout, cfg.rope_scaling)
         self.generation_weights = FusedCopy()
 
     def cache_shapes(self) -> list[tuple[int, int]]:

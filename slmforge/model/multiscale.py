@@ -126,7 +126,7 @@ class MultiScaleTransformer(nn.Module):
         self.cfg, self.scales = cfg, list(ms.scales)
         n, L, C = len(self.scales), ms.layers_per_scale, ms.cross_layers
         self.embed = nn.Embedding(cfg.vocab_size, d)
-        self.rope = RotaryEmbedding(cfg.rope_dim(), cfg.max_seq_len, cfg.rope_base, cfg.rope_layout)
+        self.rope = RotaryEmbedding(cfg.rope_dim(), cfg.max_seq_len, cfg.rope_base, cfg.rope_layout, cfg.rope_scaling)
         self.downsample = nn.ModuleList(nn.Identity() if s == 1 else nn.Linear(s * d, d, bias=cfg.bias)
                                         for s in self.scales)
         self.stacks = nn.ModuleList(nn.ModuleList(Block(cfg, i, None) for i in range(L)) for _ in self.scales)

@@ -70,7 +70,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.rope = RotaryEmbedding(cfg.rope_dim(), cfg.max_seq_len, cfg.rope_base, cfg.rope_layout)
+        self.rope = RotaryEmbedding(cfg.rope_dim(), cfg.max_seq_len, cfg.rope_base, cfg.rope_layout, cfg.rope_scaling)
         self.layers = nn.ModuleList(Block(cfg, i, w) for i, w in enumerate(cfg.layer_windows()))
         self.residual = make_residual(cfg)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
