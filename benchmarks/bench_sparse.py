@@ -60,7 +60,8 @@ from slmforge.train.loss import lm_loss
 # (shape, preset, overrides that make ours compute what transformers computes, what they turn off)
 SHAPES = [
     ("axion1-350k", "axion1-350k", [], ""),
-    ("codemind-tiny", "codemind-tiny", ["model.residual=add", "model.mtp_depth=0"], "attnres + MTP"),
+    ("codemind-tiny", "codemind-tiny", ["model.residual=add", "model.mtp_depth=0", "model.n_kv_heads=4"],
+     "attnres + MTP + one shared key/value head"),
     ("nekomind-tiny", "nekomind-tiny", ["model.qk_norm=false", "model.moe.balance_loss=0"], "QK-norm + balance loss"),
 ]
 QUICK_SHAPES = [("axion1-tiny", "axion1-tiny", [], ""), *SHAPES[1:]]

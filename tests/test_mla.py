@@ -15,7 +15,11 @@ VARIANTS = {
     "decoupled": {"q_lora_rank": 12},
     "decoupled_no_q_lora_no_norm": {"q_lora_rank": 0, "latent_norm": False},
     "decoupled_bias_half": {"q_lora_rank": 12, "bias": True, "rope_layout": "half"},
+    "decoupled_one_kv_head_bias": {"q_lora_rank": 12, "bias": True, "n_kv_heads": 1},  # CodeMind's form
+    "decoupled_two_kv_heads": {"q_lora_rank": 0, "n_kv_heads": 2},
     "whole_head": {"q_lora_rank": 12, "rope_mode": "whole_head", "rope_head_dim": 0, "latent_norm": False},
+    "whole_head_two_kv_heads": {"q_lora_rank": 12, "rope_mode": "whole_head", "rope_head_dim": 0,
+                                "latent_norm": False, "n_kv_heads": 2},
     "whole_head_no_q_lora": {"q_lora_rank": 0, "rope_mode": "whole_head", "rope_head_dim": 0, "latent_norm": False},
 }
 DECOUPLED = [v for v in VARIANTS if v.startswith("decoupled")]
@@ -24,7 +28,7 @@ DECOUPLED = [v for v in VARIANTS if v.startswith("decoupled")]
 def make(variant: str, window: int | None = None, seed: int = 0):
     """(layer, rotary tables) for a tiny MLA layer; v_head_dim differs from the qk dims on purpose."""
     options = dict(VARIANTS[variant])
-    model_keys = {k: options.pop(k) for k in ("bias", "rope_layout") if k in options}
+    model_keys = {k: options.pop(k) for k in ("bias", "rope_layout", "n_kv_heads") if k in options}
     mla = MLAConfig(**{"kv_lora_rank": 10, "qk_head_dim": 8, "rope_head_dim": 4, "v_head_dim": 6, **options})
     cfg = ModelConfig(vocab_size=32, d_model=32, n_layers=1, n_heads=4, d_ff=64, max_seq_len=64,
                       attention="mla", mla=mla, **{"rope_layout": "pairs", **model_keys})
@@ -177,3 +181,22 @@ def test_deepseek_layout_and_gradients():
     full(attn, rot, inputs()).square().mean().backward()
     for name, p in attn.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_shared_kv_heads_equal_repeated_full_heads():
+    """A layer with 2 key/value heads computes what a layer with one per query head computes when each of its
+    heads repeats the shared head of its group (the meaning of n_kv_heads)."""
+    shared, tables = make("decoupled_two_kv_heads")
+    full_cfg = ModelConfig(vocab_size=32, d_model=32, n_layers=1, n_heads=4, d_ff=64, max_seq_len=64, attention="mla",
+                           mla=MLAConfig(q_lora_rank=0, kv_lora_rank=10, qk_head_dim=8, rope_head_dim=4, v_head_dim=6),
+                           rope_layout="pairs")
+    validate_model(full_cfg)
+    full = MLAttention(full_cfg, None).eval()
+    state = shared.state_dict()
+    w = state["kv_b_proj.weight"].view(2, 8 + 6, 10)
+    state["kv_b_proj.weight"] = w.repeat_interleave(2, dim=0).reshape(4 * 14, 10)
+    full.load_state_dict(state)
+    x = torch.randn(B, T, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(shared(x, tables.full_tables(None, T)), full(x, tables.full_tables(None, T)),
+                                   atol=1e-5, rtol=0)

@@ -32,19 +32,21 @@ def test_axion_count():
 def test_codemind_counts_and_latent_cache():
     stats = model_stats(load_config("codemind-1b").model)
     d, layers, experts, width = 1024, 16, 16, 1024
-    attention = (d * 512 + 512 + 512 * 16 * 96 + d * (512 + 32) + 512 + 512 * 16 * 128 + 16 * 64 * d)
+    # one key/value head (n_kv_heads=1): the kv up-projection is 512 x (64 + 64), as in CodeMind's code
+    attention = (d * 512 + 512 + 512 * 16 * 96 + d * (512 + 32) + 512 + 512 * 1 * 128 + 16 * 64 * d)
     moe = (experts + 1) * 3 * d * width + experts * d
     layer = attention + moe + 2 * d
     residual = stats["total_params"] - (100352 * d + d + layers * layer + stats["mtp_params"])
     mtp = 2 * d + 2 * d * d + layer + d
     assert stats["mtp_params"] == mtp
     assert residual == layers * d  # CodeMind's attention residuals: one query per layer
-    assert stats["total_params"] == 1_081_728_000
-    assert stats["active_params_per_token"] == 1_081_728_000 - mtp - layers * (experts - 2) * 3 * d * width
-    assert 0.31e9 < stats["active_params_per_token"] < 0.33e9
-    # the cache keeps the 512-wide latent and the 32-wide RoPE key, not 16 heads of keys and values
+    assert stats["total_params"] == 1_065_016_320  # counted from CodeMind's own code for this configuration
+    assert stats["active_params_per_token"] == 1_065_016_320 - mtp - layers * (experts - 2) * 3 * d * width
+    assert stats["active_params_per_token"] == 301_794_304
+    # the cache keeps the 512-wide latent and the 32-wide RoPE key; expanded, the one key/value head would
+    # take 96 + 64 numbers
     assert stats["kv_bytes_per_token_bf16"] == layers * (512 + 32) * 2
-    assert stats["kv_bytes_per_token_expanded_bf16"] == layers * 16 * (96 + 64) * 2
+    assert stats["kv_bytes_per_token_expanded_bf16"] == layers * 1 * (96 + 64) * 2
 
 
 def test_mtp_logits_and_loss():

@@ -100,6 +100,9 @@ def _deepseek_blockers(m: ModelConfig) -> list[str]:
                        "RoPE scaling, which slmforge's MLA does not")
     if a.rope_mode != "decoupled":
         reasons.append(f"model.mla.rope_mode={a.rope_mode}: DeepseekV3 rotates a separate RoPE key (decoupled)")
+    if m.n_kv_heads != m.n_heads:
+        reasons.append(f"model.n_kv_heads={m.n_kv_heads}: DeepseekV3's MLA up-projects one key/value head per query "
+                       "head")
     if not a.latent_norm:
         reasons.append("model.mla.latent_norm=false: DeepseekV3 normalises its latents")
     if m.qk_norm:

@@ -13,6 +13,10 @@ part adds a constant to a query's scores (softmax ignores it); its value part pa
 sum to 1, so it is added to the output.
 `absorb = False` expands the cached latents instead (the tests compare the two).
 
+Keys and values may come in fewer heads than the queries (`model.n_kv_heads`, as in GQA: consecutive query
+heads share one): CodeMind's up-projection makes a single key/value head for all of them. DeepSeek's form
+has one per query head.
+
 Parameters map 1:1 to transformers' DeepseekV3Attention: q_proj, q_a_proj, q_a_norm (q_a_layernorm),
 q_b_proj, kv_a_proj (kv_a_proj_with_mqa, output [latent, rope key]), kv_a_norm (kv_a_layernorm),
 kv_b_proj (per head [k_nope, v]), o_proj. rope_layout "pairs" equals HF's rope_interleave=True: HF
@@ -38,6 +42,7 @@ class MLAttention(nn.Module):
         super().__init__()
         a = cfg.mla
         self.n_heads, self.window, self.rope_layout = cfg.n_heads, window, cfg.rope_layout
+        self.kv_heads = cfg.n_kv_heads
         self.decoupled = a.rope_mode == "decoupled"
         self.nope_dim, self.rope_dim, self.v_dim = a.qk_head_dim, a.rope_head_dim, a.v_head_dim
         self.kv_rank = a.kv_lora_rank
@@ -54,7 +59,7 @@ class MLAttention(nn.Module):
             self.q_b_proj = nn.Linear(a.q_lora_rank, q_out, bias=bias)
         self.kv_a_proj = nn.Linear(d, a.kv_lora_rank + a.rope_head_dim, bias=bias)
         self.kv_a_norm = RMSNorm(a.kv_lora_rank, cfg.norm_eps) if a.latent_norm else None
-        self.kv_b_proj = nn.Linear(a.kv_lora_rank, H * (a.qk_head_dim + a.v_head_dim), bias=bias)
+        self.kv_b_proj = nn.Linear(a.kv_lora_rank, self.kv_heads * (a.qk_head_dim + a.v_head_dim), bias=bias)
         self.o_proj = nn.Linear(H * a.v_head_dim, d, bias=bias)
         # whole_head rotates cached keys at their own positions, which the caller's tables (the queries'
         # positions) do not cover: a private copy of the tables (buffers only, not saved).
@@ -136,28 +141,33 @@ class MLAttention(nn.Module):
         """Per-head keys and values [B, H, S, dim] from latents c_kv [B, S, r]. `rot`: decoupled, the rotated
         shared key [B, S, 1, dr]; whole_head, the RoPE tables of the keys' positions."""
         B, S, _ = c_kv.shape
-        k, v = self.kv_b_proj(c_kv).view(B, S, self.n_heads, -1).split((self.nope_dim, self.v_dim), -1)
+        G, rep = self.kv_heads, self.n_heads // self.kv_heads
+        k, v = self.kv_b_proj(c_kv).view(B, S, G, -1).split((self.nope_dim, self.v_dim), -1)
         if self.decoupled:
-            k = torch.cat((k, rot.expand(-1, -1, self.n_heads, -1)), -1)
+            k = torch.cat((k, rot.expand(-1, -1, G, -1)), -1)
         else:
             k = rope(k, *rot, self.rope_layout)
+        if rep > 1:  # each key/value head serves `rep` consecutive query heads
+            k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
         return k.transpose(1, 2), v.transpose(1, 2)
 
     def _absorbed(self, q_nope, q_rope, c_kv, k_rope, mask) -> torch.Tensor:
         """Attention in latent space. q_nope/q_rope [B, T, H, d] (q_rope rotated), cached c_kv [B, 1, S, r]
         and k_rope [B, 1, S, dr], mask [B, 1, T, S] additive; returns [B, H, T, v_dim]."""
         B, T, H, _ = q_nope.shape
-        S, r, dn = c_kv.shape[2], self.kv_rank, self.nope_dim
-        w = self.kv_b_proj.weight.view(H, dn + self.v_dim, r)
+        S, r, dn, G = c_kv.shape[2], self.kv_rank, self.nope_dim, self.kv_heads
+        w = self.kv_b_proj.weight.view(G, dn + self.v_dim, r)
         w_uk, w_uv = w[:, :dn], w[:, dn:]  # views: no copy of the weights
-        q_latent = torch.matmul(q_nope.transpose(1, 2), w_uk).mul_(self.scale)  # [B, H, T, r]
+        # query heads grouped by the key/value head they share: [B, G, (H/G)·T, dn] against w_uk [G, dn, r]
+        grouped = q_nope.transpose(1, 2).reshape(B, G, -1, dn)
+        q_latent = torch.matmul(grouped, w_uk).mul_(self.scale).view(B, H, T, r)
         q_rot = (q_rope * self.scale).transpose(1, 2).reshape(B, 1, H * T, -1)
         # The heads share one latent "key head": stacked along the query axis, it is read once for all.
         scores = torch.matmul(q_latent.view(B, 1, H * T, r), c_kv.mT)
         scores.add_(torch.matmul(q_rot, k_rope.mT)).view(B, H, T, S).add_(mask)
         # Padding queries see no key: their all -inf rows give NaN, zeroed like SDPA does.
         weights = torch.softmax(scores, dim=-1, dtype=torch.float32).nan_to_num_(0.0).to(c_kv.dtype)
-        y = torch.matmul(torch.matmul(weights, c_kv).view(B, H, T, r), w_uv.mT)  # [B, H, T, v_dim]
+        y = torch.matmul(torch.matmul(weights, c_kv).view(B, G, -1, r), w_uv.mT).view(B, H, T, -1)
         if self.kv_b_proj.bias is not None:
-            y = y + self.kv_b_proj.bias.view(H, 1, -1)[:, :, dn:]
+            y = y + self.kv_b_proj.bias.view(G, 1, -1)[:, :, dn:].repeat_interleave(H // G, dim=0)
         return y

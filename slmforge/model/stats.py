@@ -28,7 +28,7 @@ def _kv_values_per_token(cfg: ModelConfig) -> tuple[int, int]:
         return n, n
     m = cfg.mla
     latent = m.kv_lora_rank + m.rope_head_dim
-    return latent, cfg.n_heads * (m.qk_head_dim + m.rope_head_dim + m.v_head_dim)
+    return latent, cfg.n_kv_heads * (m.qk_head_dim + m.rope_head_dim + m.v_head_dim)
 
 
 def _numel(*modules: torch.nn.Module) -> int:
