@@ -208,9 +208,15 @@ def cmd_export(args) -> None:
 
 
 def cmd_import(args) -> None:
-    from slmforge.export.hf_import import import_hf
+    if args.source_format == "codemind":
+        from slmforge.export.codemind import import_codemind
 
-    out = import_hf(args.src, args.out, force=args.force)
+        out = import_codemind(args.src, args.out, config=args.codemind_config, tokenizer=args.tokenizer,
+                              force=args.force, warn=lambda m: print(f"slmforge: {m}", file=sys.stderr))
+    else:
+        from slmforge.export.hf_import import import_hf
+
+        out = import_hf(args.src, args.out, force=args.force)
     print(f"{out}: an slmforge checkpoint (eval, sample, export, train --init {out})")
 
 
@@ -303,9 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", help="turn a Hugging Face model folder into an slmforge checkpoint folder")
-    p.add_argument("src", help="a folder with config.json, model.safetensors (or shards) and tokenizer.json: "
-                   "Llama, Qwen3, Qwen2-MoE, Qwen3-MoE or DeepseekV3")
+    p.add_argument("src", help="a Hugging Face folder (config.json, model.safetensors or shards, tokenizer.json: "
+                   "Llama, Qwen3, Qwen2-MoE, Qwen3-MoE or DeepseekV3), or with --from codemind their weights")
     p.add_argument("out", help="the checkpoint folder to write")
+    p.add_argument("--from", dest="source_format", choices=["hf", "codemind"], default="hf",
+                   help="hf: a Hugging Face folder; codemind: a CodeMind model.safetensors (or its step folder)")
+    p.add_argument("--codemind-config", metavar="JSON", help="with --from codemind: their CodeMindConfig values "
+                   "(fields left out take their defaults)")
+    p.add_argument("--tokenizer", help="with --from codemind: a tokenizer.json (or folder) for the checkpoint")
     p.add_argument("--force", action="store_true", help="replace an existing output (once the new one is complete)")
     p.set_defaults(func=cmd_import)
 

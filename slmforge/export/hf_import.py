@@ -19,7 +19,7 @@ from slmforge.config import ConfigError, check_vocab, from_dict
 from slmforge.export.hf import ExportError
 from slmforge.export.names import from_hf
 from slmforge.model import build_model
-from slmforge.tokenizer import load_tokenizer
+from slmforge.tokenizer import Tokenizer, load_tokenizer
 
 SUPPORTED = ("llama", "qwen3", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 
@@ -133,18 +133,27 @@ def import_hf(src: str | Path, out: str | Path, force: bool = False) -> Path:
     src, out = Path(src), Path(out)
     if not (src / "config.json").is_file():
         raise ExportError(f"{src}: no config.json (expected a Hugging Face model folder)")
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists: pass --force to replace it")
+    refuse_existing(out, force)
     hf = json.loads((src / "config.json").read_text())
     model = model_section(hf)
+    tensors = from_hf(read_hf_weights(src), hf["model_type"])
+    return save_imported(model, tensors, load_tokenizer(src), src, out)
+
+
+def refuse_existing(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists: pass --force to replace it")
+
+
+def save_imported(model: dict, tensors: dict[str, torch.Tensor], tokenizer: Tokenizer, src: Path, out: Path) -> Path:
+    """Build the model of `model` (a config's `model` section), load `tensors` into it strictly and write
+    the checkpoint folder `out` (whole or not at all); returns `out`."""
     try:
         cfg = from_dict({"model": model, "data": {"seq_len": min(512, model["max_seq_len"])}})
     except ConfigError as e:
-        raise ExportError(f"{src / 'config.json'} translates to an invalid slmforge config: {e}") from None
-    tokenizer = load_tokenizer(src)
+        raise ExportError(f"{src} translates to an invalid slmforge config: {e}") from None
     check_vocab(cfg.model, tokenizer.vocab_size, f"the tokenizer of {src}")
     net = build_model(cfg.model)
-    tensors = from_hf(read_hf_weights(src), hf["model_type"])
     if cfg.model.tie_embeddings:
         tensors.pop("lm_head.weight", None)  # a tied head is the embedding; some checkpoints store both
     for name, value in net.state_dict().items():  # what the format has no place for (Qwen-MoE routing bias)
@@ -156,4 +165,3 @@ def import_hf(src: str | Path, out: str | Path, force: bool = False) -> Path:
         raise ExportError(str(e)) from None
     return save_checkpoint(out, cfg=cfg, model_state=net.state_dict(), tokenizer=tokenizer, optimizer_tensors={},
                            state={"step": 0, "imported_from": str(src.resolve())}, keep_last=None)
-

@@ -75,7 +75,9 @@ class Transformer(nn.Module):
         self.residual = make_residual(cfg)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.mtp = nn.ModuleList(MTPModule(cfg, Block(cfg, cfg.n_layers + k, None)) for k in range(cfg.mtp_depth))
+        # an MTP block attends like the decoder's last layer (globally, unless every layer slides, as in CodeMind)
+        mtp_window = cfg.layer_windows()[-1]
+        self.mtp = nn.ModuleList(MTPModule(cfg, Block(cfg, cfg.n_layers + k, mtp_window)) for k in range(cfg.mtp_depth))
         self.reset_parameters()
         self._has_generation_weights = False
 
@@ -111,7 +113,7 @@ class Transformer(nn.Module):
     def cache_layout(self, mtp: bool = False) -> list[tuple[int | None, list[tuple[int, int]]]]:
         """(window, store shapes) per attention layer: of the decoder, or of the MTP modules' blocks."""
         if mtp:
-            return [(None, m.block.attn.cache_shapes()) for m in self.mtp]
+            return [(m.block.attn.window, m.block.attn.cache_shapes()) for m in self.mtp]
         return [(layer.attn.window, layer.attn.cache_shapes()) for layer in self.layers]
 
     def new_cache(self, batch_size: int, max_len: int, rollback_margin: int = 16, mtp: bool = False) -> KVCache:
