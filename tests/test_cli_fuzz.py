@@ -145,6 +145,16 @@ def _argument_cases(tmp: Path, data: Path) -> list[tuple[list[str], str]]:
         (["train", "--preset", "tiny", "--out", out], "data.path"),
         (["train", "--out", out], "--preset"),
         (["frobnicate"], "frobnicate"),
+        (["export", missing, "--to", "hf", out], missing),
+        (["export", str(data), "--to", "hf", out], str(data)),  # a folder without a checkpoint
+        (["export", str(data), "--to", "gguf", out], "--to"),
+        (["import", missing, out], missing),
+        (["import", str(data), out], str(data)),  # no config.json
+        (["import", missing, out, "--from", "codemind"], missing),
+        (["import", str(a_file), out, "--from", "codemind", "--codemind-config", missing], missing),
+        (["import", str(a_file), out, "--from", "codemind"], str(a_file)),  # not a safetensors file
+        (["import", str(a_file), out, "--from", "codemind", "--codemind-config", str(binary)], str(binary)),
+        (["train", "--preset", "tiny", "--data", str(data), "--out", out, "--init", missing], "train.init"),
     ]
 
 

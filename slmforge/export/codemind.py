@@ -46,8 +46,12 @@ def codemind_config(path: str | Path | None) -> dict:
         return values
     try:
         given = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise ExportError(f"--codemind-config {path}: cannot read it as JSON ({e})") from None
+    except OSError as e:
+        raise ExportError(f"--codemind-config {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise ExportError(f"--codemind-config {path}: not a JSON file ({e})") from None
+    if not isinstance(given, dict):
+        raise ExportError(f"--codemind-config {path}: expected a JSON object of CodeMindConfig fields")
     unknown = sorted(set(given) - set(DEFAULTS) - IGNORED)
     if unknown:
         raise ExportError(f"--codemind-config {path}: unknown CodeMindConfig fields {unknown}")
