@@ -98,7 +98,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing") from None
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is damaged ({e})") from None
+        raise CheckpointError(f"{path} is damaged or not a safetensors file ({e})") from None
 
 
 def check_weights(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str) -> None:
@@ -110,10 +110,8 @@ def check_weights(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Te
     # a float weight stored as integers (or the reverse) would be cast silently by load_state_dict
     wrong_dtype = [f"{k}: checkpoint {_dtype(tensors[k])}, model {_dtype(v)}" for k, v in expected.items()
                    if k in tensors and tensors[k].is_floating_point() != v.is_floating_point()]
-    problems = [f"missing weights: {missing}" if missing else "",
-                f"unexpected weights: {unexpected}" if unexpected else "",
-                f"shape mismatches: {mismatched}" if mismatched else "",
-                f"dtype mismatches: {wrong_dtype}" if wrong_dtype else ""]
+    problems = [_listed("missing weights", missing), _listed("unexpected weights", unexpected),
+                _listed("shape mismatches", mismatched), _listed("dtype mismatches", wrong_dtype)]
     if any(problems):
         raise CheckpointError(f"{source} does not fit the model; " + "; ".join(p for p in problems if p))
     not_finite = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
@@ -121,6 +119,14 @@ def check_weights(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Te
         shown = ", ".join(f"{k} ({_count_not_finite(tensors[k])})" for k in not_finite[:5])
         more = f" and {len(not_finite) - 5} more" if len(not_finite) > 5 else ""
         raise CheckpointError(f"{source} holds NaN or inf in {shown}{more}: the model would emit garbage")
+
+
+def _listed(what: str, names: list[str], shown: int = 8) -> str:
+    """'what: [first names]' with the count of the rest, so a wholly different model reads in one line."""
+    if not names:
+        return ""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{what}: {names[:shown]}{more}"
 
 
 def _dtype(t: torch.Tensor) -> str:
