@@ -274,3 +274,16 @@ def test_rope_scaling_equals_transformers(params):
     ours, our_factor = inverse_frequencies(32, 10000.0, scaling)
     torch.testing.assert_close(ours.float(), theirs.float(), atol=1e-7, rtol=1e-5)
     assert our_factor == pytest.approx(their_factor)
+
+
+def test_chat_template_survives_import_and_export(tmp_path):
+    source = checkpoint(tmp_path, FORMS["llama"])
+    out, _ = export_hf(source, tmp_path / "hf")
+    template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    (out / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    assert main(["import", str(out), str(tmp_path / "imported")]) == 0
+    again, _ = export_hf(tmp_path / "imported", tmp_path / "hf2")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(again)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n"

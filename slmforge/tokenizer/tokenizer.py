@@ -29,8 +29,10 @@ class Tokenizer:
     """Encode/decode text; wraps `hf`, a `tokenizers.Tokenizer` whose special tokens include the bos and eos
     tokens named (ours by default: `<|bos|>`, `<|eos|>`; an imported model's from its tokenizer_config.json)."""
 
-    def __init__(self, hf: tokenizers.Tokenizer, bos: str = BOS, eos: str = EOS, pad: str | None = PAD):
+    def __init__(self, hf: tokenizers.Tokenizer, bos: str = BOS, eos: str = EOS, pad: str | None = PAD,
+                 chat_template: str | None = None):
         self.hf = hf
+        self.chat_template = chat_template  # Jinja, as transformers reads it from tokenizer_config.json
         # Text is data: a literal "<|eos|>" inside a document is encoded as its characters, so any text
         # round-trips and special ids appear only where asked for (bos/eos, chat code). This flag is not
         # saved in tokenizer.json: transformers maps such literals to the special ids (as chat templates want).
@@ -103,6 +105,8 @@ class Tokenizer:
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
         }
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
         # to_str rather than hf.save: the Rust writer's errors are bare Exceptions without the file name.
         _write_files(directory, {
             "tokenizer.json": self.hf.to_str(pretty=True),
@@ -124,14 +128,14 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     except Exception as e:  # the Rust loader raises a bare Exception for any parse error
         raise ValueError(f"{file} is not a valid tokenizer.json: {e}") from e
     try:
-        return Tokenizer(hf, **_special_names(file.parent / "tokenizer_config.json"))
+        return Tokenizer(hf, **_config_fields(file.parent / "tokenizer_config.json"))
     except ValueError as e:
         raise ValueError(f"{file}: {e}") from e
 
 
-def _special_names(config_file: Path) -> dict[str, str]:
-    """bos/eos/pad token names from a tokenizer_config.json beside tokenizer.json (transformers writes them as
-    strings or as {"content": ...}); none there: ours."""
+def _config_fields(config_file: Path) -> dict[str, str]:
+    """bos/eos/pad token names and the chat template from a tokenizer_config.json beside tokenizer.json
+    (transformers writes the names as strings or as {"content": ...}); none there: ours, and no template."""
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError):
@@ -144,6 +148,8 @@ def _special_names(config_file: Path) -> dict[str, str]:
             names[key] = value
     if "bos" not in names and "eos" in names:  # many models name only an end token: it starts text too
         names["bos"] = names["eos"]
+    if isinstance(config, dict) and isinstance(config.get("chat_template"), str):
+        names["chat_template"] = config["chat_template"]
     return names
 
 
