@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a run or checkpoint")
     p.add_argument("run")
     p.add_argument("--data", help="prepared dataset (default: the one the run trained on)")
-    p.add_argument("--batches", type=POSITIVE_INT, default=None, help="validation batches (default: train.eval_batches)")
+    p.add_argument("--batches", type=POSITIVE_INT, default=None,
+                   help="validation batches (default: train.eval_batches)")
     p.add_argument("--seq-len", type=POSITIVE_INT, default=None)
     p.set_defaults(func=cmd_eval)
 

@@ -109,8 +109,10 @@ def test_import_puts_every_tensor_in_place(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (lambda state, cfg: state.pop("_orig_mod.layers.1.attn.wkv_b.weight"), "missing weights: ['layers.1.attn.kv_b_proj"),
-    (lambda state, cfg: state.update({"_orig_mod.extra.weight": torch.zeros(2)}), "unexpected weights: ['extra.weight']"),
+    (lambda state, cfg: state.pop("_orig_mod.layers.1.attn.wkv_b.weight"),
+     "missing weights: ['layers.1.attn.kv_b_proj"),
+    (lambda state, cfg: state.update({"_orig_mod.extra.weight": torch.zeros(2)}),
+     "unexpected weights: ['extra.weight']"),
     (lambda state, cfg: state.update({"_orig_mod.lm_head.weight": torch.zeros(300, 64)}), "lm_head.weight differs"),
     (lambda state, cfg: cfg.update(score_func="sigmoid"), "routes by softmax"),
     (lambda state, cfg: cfg.update(n_layer=3), "unknown CodeMindConfig fields ['n_layer']"),

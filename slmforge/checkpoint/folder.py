@@ -247,7 +247,8 @@ def read_config(checkpoint: Path) -> RunConfig:
 def read_trainer_state(checkpoint: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(state.json, optimizer tensors, RNG tensors) of a checkpoint written by the trainer."""
     folder = checkpoint / TRAINER_STATE
-    return read_state(checkpoint), read_tensors(folder / "optimizer.safetensors"), read_tensors(folder / "rng.safetensors")
+    optimizer, rng = read_tensors(folder / "optimizer.safetensors"), read_tensors(folder / "rng.safetensors")
+    return read_state(checkpoint), optimizer, rng
 
 
 def read_tokenizer(checkpoint: Path) -> Tokenizer:

@@ -81,7 +81,8 @@ def _same_data(a: str | None, b: str | None) -> bool:
     if a == b:
         return True
     try:
-        return json.loads(Path(a).joinpath("meta.json").read_text()) == json.loads(Path(b).joinpath("meta.json").read_text())
+        meta_a, meta_b = (json.loads(Path(p).joinpath("meta.json").read_text()) for p in (a, b))
+        return meta_a == meta_b
     except (OSError, TypeError, ValueError):
         return False
 

@@ -6,8 +6,8 @@ A run folder:
       config.json            the resolved RunConfig of the latest session
       metrics.jsonl          one JSON line per optimizer step and per evaluation (fields below)
       report.json            what train() returned
-      <phase>/step_N/        checkpoints after N steps of a phase (layout in slmforge/checkpoint/folder.py); a run without
-                             `phases` has the single phase "main", so its checkpoints are RUN/main/step_N
+      <phase>/step_N/        checkpoints after N steps of a phase (layout: slmforge/checkpoint/folder.py);
+                             a run without `phases` has the single phase "main": RUN/main/step_N
 
 Phase k > 0 starts from phase k-1's final weights and optimizer state, with its own data, optimizer
 hyperparameters and schedule; its step counter (and schedule) restart at 0, tokens keep counting.
