@@ -35,6 +35,9 @@ FORMS = {
     "llama-untied-pairs-mha": [*DENSE, "model.tie_embeddings=false", "model.rope_layout=pairs", "model.n_kv_heads=4"],
     "llama-bias": [*DENSE, "model.bias=true"],
     "qwen3": [*DENSE, "model.qk_norm=true", "model.rope_layout=pairs"],
+    "qwen2": [*DENSE, "model.qkv_bias=true"],
+    "qwen2-sliding": [*DENSE, "model.qkv_bias=true", "model.attention_pattern=[sliding, global]",
+                      "model.sliding_window=8"],
     "llama-yarn": [*DENSE, "model.rope_scaling.kind=yarn", "model.rope_scaling.factor=4.0",
                    "model.rope_scaling.original_max_len=32"],
     "llama-linear": [*DENSE, "model.rope_scaling.kind=linear", "model.rope_scaling.factor=2.5"],
@@ -46,6 +49,8 @@ FORMS = {
     "qwen2_moe": [*DENSE, *MOE, "model.moe.shared_d_ff=48", "model.moe.shared_gate=true", "model.moe.norm_topk=false",
                   "model.moe.bias_update_rate=0"],
     "qwen3_moe": [*DENSE, *MOE, "model.qk_norm=true", "model.moe.norm_topk=true", "model.moe.bias_update_rate=0"],
+    "qwen2_moe-qkv-bias": [*DENSE, *MOE, "model.qkv_bias=true", "model.moe.shared_d_ff=48", "model.moe.shared_gate=true",
+                           "model.moe.bias_update_rate=0"],
     "deepseek_v3": [*DENSE, *MOE, "model.attention=mla", "model.n_kv_heads=4", "model.rope_layout=pairs",
                     "model.mla.q_lora_rank=24",
                     "model.mla.kv_lora_rank=16", "model.mla.qk_head_dim=16", "model.mla.rope_head_dim=8",
@@ -120,7 +125,8 @@ def test_existing_output_needs_force(tmp_path, capsys):
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
 
 
-@pytest.mark.parametrize("form", ["llama-untied-pairs-mha", "qwen3-sliding", "qwen2_moe", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("form", ["llama-untied-pairs-mha", "qwen2-sliding", "qwen3-sliding", "qwen2_moe-qkv-bias",
+                                  "qwen3_moe", "deepseek_v3"])
 def test_export_then_import_gives_identical_tensors(form, tmp_path):
     source = checkpoint(tmp_path, FORMS[form])
     out, _ = export_hf(source, tmp_path / "hf")

@@ -92,6 +92,7 @@ class ModelConfig:
     qk_norm: bool = False
     tie_embeddings: bool = True
     bias: bool = False
+    qkv_bias: bool = False  # biases on the query, key and value projections only (Qwen2); implied by bias
     # Attention kind per layer, cycled over the layers: "global" or "sliding" (window `sliding_window`).
     attention_pattern: list[str] = field(default_factory=lambda: ["global"])
     sliding_window: int = 1024

@@ -25,8 +25,9 @@ from slmforge.export.names import gguf_unpermute, to_hf
 from slmforge.export.remote import remote_code_files
 from slmforge.infer.load import LoadedModel, load_model
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                 "qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                 "deepseek_v3": "DeepseekV3ForCausalLM"}
 
 
 class ExportError(ValueError):
@@ -66,10 +67,12 @@ def native_family(m: ModelConfig, state: dict[str, torch.Tensor] | None = None) 
         family = "qwen3_moe" if m.qk_norm else "qwen2_moe"
         reasons += _qwen_moe_blockers(m, family, state)
     else:
-        family = "qwen3" if m.qk_norm else "llama"
-    if sliding and family != "qwen3":
+        family = "qwen3" if m.qk_norm else "qwen2" if m.qkv_bias else "llama"
+    if m.qkv_bias and family not in ("qwen2", "qwen2_moe"):
+        reasons.append(f"model.qkv_bias=true: {ARCHITECTURES[family]} has no query/key/value-only biases")
+    if sliding and family not in ("qwen3", "qwen2"):
         reasons.append(f"model.attention_pattern={m.attention_pattern}: sliding-window layers are native only in "
-                       "Qwen3's form (dense, with model.qk_norm=true)")
+                       "the dense Qwen3 (QK-norm) and Qwen2 (q/k/v biases) forms")
     if m.bias and family != "llama":
         reasons.append(f"model.bias=true: {ARCHITECTURES[family]} has no biases on every projection")
     return (None, reasons) if reasons else (family, [])
@@ -146,7 +149,7 @@ def hf_config(m: ModelConfig, family: str, bos_id: int, eos_id: int) -> dict:
     windows = m.layer_windows()
     if family == "llama":
         cfg["mlp_bias"] = m.bias
-    if family == "qwen3":
+    if family in ("qwen2", "qwen3"):
         sliding = any(w is not None for w in windows)
         cfg.update(use_sliding_window=sliding, sliding_window=m.sliding_window if sliding else None,
                    layer_types=["sliding_attention" if w else "full_attention" for w in windows], max_window_layers=0)
@@ -156,7 +159,7 @@ def hf_config(m: ModelConfig, family: str, bos_id: int, eos_id: int) -> dict:
                    norm_topk_prob=e.norm_topk, decoder_sparse_step=1, output_router_logits=False,
                    mlp_only_layers=list(range(e.first_dense_layers)), use_sliding_window=False)
         if family == "qwen2_moe":
-            cfg.update(shared_expert_intermediate_size=e.shared_d_ff, qkv_bias=False)
+            cfg.update(shared_expert_intermediate_size=e.shared_d_ff, qkv_bias=m.qkv_bias)
     if family == "deepseek_v3":
         a, e = m.mla, m.moe
         cfg.update(num_key_value_heads=m.n_heads, q_lora_rank=a.q_lora_rank or None, kv_lora_rank=a.kv_lora_rank,

@@ -21,7 +21,7 @@ from slmforge.export.names import from_hf
 from slmforge.model import build_model
 from slmforge.tokenizer import Tokenizer, load_tokenizer
 
-SUPPORTED = ("llama", "qwen3", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+SUPPORTED = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 
 
 def _rope(hf: dict) -> dict:
@@ -61,6 +61,7 @@ def model_section(hf: dict) -> dict:
          "max_seq_len": hf["max_position_embeddings"], "norm_eps": hf["rms_norm_eps"], **_rope(hf),
          "rope_layout": "half", "qk_norm": family in ("qwen3", "qwen3_moe"),
          "tie_embeddings": hf.get("tie_word_embeddings", False), "bias": bool(hf.get("attention_bias", False)),
+         "qkv_bias": family == "qwen2" or (family == "qwen2_moe" and bool(hf.get("qkv_bias", False))),
          "attention_pattern": ["global"], "last_layer_global": False, "final_logit_softcap": None,
          "attn_logit_softcap": None}
     layer_types = hf.get("layer_types") if hf.get("use_sliding_window") else None
@@ -84,8 +85,6 @@ def _qwen_moe(hf: dict, family: str) -> dict:
     if hf.get("decoder_sparse_step", 1) != 1:
         raise ExportError(f"config.json decoder_sparse_step={hf['decoder_sparse_step']}: every layer after the dense "
                           "ones must be MoE")
-    if family == "qwen2_moe" and hf.get("qkv_bias", False):
-        raise ExportError("config.json qkv_bias=true: slmforge biases all projections or none")
     shared = hf.get("shared_expert_intermediate_size", 0) if family == "qwen2_moe" else 0
     return {"ffn": "moe", "moe": {
         "n_experts": hf["num_experts"], "top_k": hf["num_experts_per_tok"], "expert_d_ff": hf["moe_intermediate_size"],

@@ -25,6 +25,7 @@ HF_LAYER = (("attn_norm.", "input_layernorm."), ("ffn_norm.", "post_attention_la
 # Renames inside a layer, applied after HF_LAYER, per transformers model family.
 HF_FAMILY = {
     "llama": (),
+    "qwen2": (),  # Llama's names, with q/k/v biases
     "qwen3": (),  # Llama's names, with self_attn.q_norm / k_norm
     "qwen3_moe": (("mlp.router.weight", "mlp.gate.weight"),),
     "qwen2_moe": (("mlp.router.weight", "mlp.gate.weight"), ("mlp.shared_gate.", "mlp.shared_expert_gate.")),
