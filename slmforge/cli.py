@@ -208,7 +208,13 @@ def cmd_export(args) -> None:
 
 
 def cmd_import(args) -> None:
-    if args.source_format == "codemind":
+    if args.source_format == "hf" and str(args.src).endswith(".gguf"):
+        args.source_format = "gguf"
+    if args.source_format == "gguf":
+        from slmforge.export.gguf_import import import_gguf
+
+        out = import_gguf(args.src, args.out, force=args.force)
+    elif args.source_format == "codemind":
         from slmforge.export.codemind import import_codemind
 
         out = import_codemind(args.src, args.out, config=args.codemind_config, tokenizer=args.tokenizer,
@@ -313,8 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="a Hugging Face folder (config.json, model.safetensors or shards, tokenizer.json: "
                    "Llama, Qwen3, Qwen2-MoE, Qwen3-MoE or DeepseekV3), or with --from codemind their weights")
     p.add_argument("out", help="the checkpoint folder to write")
-    p.add_argument("--from", dest="source_format", choices=["hf", "codemind"], default="hf",
-                   help="hf: a Hugging Face folder; codemind: a CodeMind model.safetensors (or its step folder)")
+    p.add_argument("--from", dest="source_format", choices=["hf", "gguf", "codemind"], default="hf",
+                   help="hf: a Hugging Face folder (a .gguf file is read as gguf); gguf: a llama.cpp file; "
+                   "codemind: a CodeMind model.safetensors (or its step folder)")
     p.add_argument("--codemind-config", metavar="JSON", help="with --from codemind: their CodeMindConfig values "
                    "(fields left out take their defaults)")
     p.add_argument("--tokenizer", help="with --from codemind: a tokenizer.json (or folder) for the checkpoint")

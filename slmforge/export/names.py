@@ -41,6 +41,13 @@ HF_OURS_ONLY = {family: (("ffn.router.balance_bias", "zero"),) for family in ("q
 STACKED = ("gate_proj", "up_proj", "down_proj")  # ours: experts.<p> [E, out, in]; theirs: experts.<e>.<p>.weight
 PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
+# llama.cpp's llama architecture (GGUF): whole names, and a block's module names (blk.N.<name>.weight)
+GGUF_LLAMA_TOP = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight",
+                  "output.weight": "lm_head.weight"}
+GGUF_LLAMA_LAYER = {"attn_norm": "attn_norm", "attn_q": "attn.q_proj", "attn_k": "attn.k_proj",
+                    "attn_v": "attn.v_proj", "attn_output": "attn.o_proj", "ffn_norm": "ffn_norm",
+                    "ffn_gate": "ffn.gate_proj", "ffn_up": "ffn.up_proj", "ffn_down": "ffn.down_proj"}
+
 # CodeMind's released checkpoints (attn_res_operators.*) for model.residual=attnres_codemind.
 CODEMIND_RESIDUAL = ("attn_res_operators.{i}.pseudo_query", "residual.queries.{i}")
 
