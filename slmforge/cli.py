@@ -64,6 +64,11 @@ def cmd_info(args) -> None:
     if target is None:
         print(presets_table())
         return
+    if args.targets:
+        from slmforge.export.targets import format_targets, model_of
+
+        print(format_targets(*model_of(target)))
+        return
     if Path(target).is_dir():
         from slmforge.config import apply_overrides, from_dict
 
@@ -202,6 +207,12 @@ def _sample_speculative(model, tokenizer, prompts: list[str], params) -> None:
 def cmd_export(args) -> None:
     from slmforge.export.hf import export_hf
 
+    if args.to == "ollama":
+        from slmforge.export.ollama import export_ollama
+
+        out = export_ollama(args.run, args.out, dtype=args.dtype, force=args.force)
+        print(f"{out}: model.gguf and Modelfile; import it with: ollama create {out.name} -f {out / 'Modelfile'}")
+        return
     if args.to == "gguf":
         from slmforge.export.gguf_export import export_gguf
 
@@ -247,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(none: a table of every preset)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--context", type=POSITIVE_INT, default=None, help="context length for FLOPs/KV figures")
+    p.add_argument("--targets", action="store_true", help="the export targets (hf-native, hf-remote, gguf, "
+                   "ollama) the model can reach, and why not")
     p.set_defaults(func=cmd_info)
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command", required=True)
@@ -313,12 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("export", help="write a run's model in another format: a Hugging Face folder, a GGUF file")
-    p.add_argument("run", help="run folder (its newest intact checkpoint) or checkpoint folder")
-    p.add_argument("--to", choices=["hf", "gguf"], required=True,
-                   help="hf: a folder transformers loads; gguf: a file llama.cpp runs")
+    p.add_argument("run", help="run folder (its newest intact checkpoint) or checkpoint folder "
+                   "(`slmforge info RUN --targets` says which targets it can reach)")
+    p.add_argument("out", help="the folder (hf, ollama) or file (gguf) to write")
+    p.add_argument("--to", choices=["hf", "gguf", "ollama"], required=True,
+                   help="hf: a folder transformers loads; gguf: a file llama.cpp runs; ollama: a GGUF and a Modelfile")
     p.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], default="f32",
-                   help="with --to gguf: the type of the weight matrices")
-    p.add_argument("out", help="the folder to write")
+                   help="with --to gguf or ollama: the type of the weight matrices")
     p.add_argument("--force", action="store_true", help="replace an existing output (once the new one is complete)")
     p.add_argument("--native", action="store_true", help="demand a native transformers class; without it, a model "
                    "no native class computes is exported as remote code")

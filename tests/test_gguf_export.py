@@ -107,3 +107,23 @@ def test_what_llama_cpp_cannot_compute_is_refused(tmp_path, capsys):
     assert [line.strip().split(":")[0] for line in lines[1:]] == [
         "model.final_logit_softcap=30.0", "model.attention_pattern=['sliding', 'global']"]
     assert not list(tmp_path.glob("*.gguf*")) and not list(tmp_path.glob(".m.gguf*"))
+
+
+def test_ollama_folder(tmp_path, capsys):
+    """A GGUF and a Modelfile: FROM the file, a completion template for a model without a chat template, the
+    end-of-text token as a stop string, the context length."""
+    source = checkpoint(tmp_path, LLAMA)
+    assert main(["export", str(source), "--to", "ollama", str(tmp_path / "ollama")]) == 0
+    assert "ollama create ollama -f" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "ollama").iterdir()) == ["Modelfile", "model.gguf"]
+    assert (tmp_path / "ollama" / "Modelfile").read_text() == (
+        'FROM ./model.gguf\nTEMPLATE """{{ .Prompt }}"""\nPARAMETER stop "<|eos|>"\nPARAMETER num_ctx 128\n')
+
+
+def test_targets_of_a_preset_and_a_run(tmp_path, capsys):
+    assert main(["info", "quickstart", "--targets"]) == 0
+    out = capsys.readouterr().out
+    assert "hf-remote  yes" in out and "gguf       no" in out and "model.final_logit_softcap=30.0" in out
+    assert main(["info", str(checkpoint(tmp_path, LLAMA)), "--targets"]) == 0
+    out = capsys.readouterr().out
+    assert "hf-native  yes: llama" in out and "gguf       yes" in out and "ollama     yes" in out

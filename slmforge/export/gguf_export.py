@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from slmforge.config import ModelConfig
-from slmforge.export.hf import ExportError, _common_blockers
+from slmforge.export.hf import ExportError
 from slmforge.export.names import GGUF_LLAMA_LAYER, GGUF_LLAMA_TOP, gguf_permute
 from slmforge.infer.load import load_model
 
@@ -30,7 +30,17 @@ NORMAL, CONTROL, UNUSED = 1, 3, 5  # llama.cpp's token types
 
 def gguf_blockers(m: ModelConfig) -> list[str]:
     """One line per field llama.cpp's llama architecture does not compute as slmforge does."""
-    reasons = _common_blockers(m)
+    reasons = []
+    if m.arch != "decoder":
+        reasons.append(f"model.arch={m.arch}: llama.cpp has no multi-scale byte model")
+    for key in ("final_logit_softcap", "attn_logit_softcap"):
+        if getattr(m, key) is not None:
+            reasons.append(f"model.{key}={getattr(m, key)}: llama.cpp caps logits only in gemma2, whose blocks "
+                           "differ from ours")
+    if m.residual != "add":
+        reasons.append(f"model.residual={m.residual}: llama.cpp has no attention residuals")
+    if m.mtp_depth:
+        reasons.append(f"model.mtp_depth={m.mtp_depth}: the llama architecture has no MTP modules")
     if any(w is not None for w in m.layer_windows()):
         reasons.append(f"model.attention_pattern={m.attention_pattern}: llama.cpp's llama architecture attends "
                        "globally in every layer")
