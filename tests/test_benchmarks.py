@@ -54,3 +54,14 @@ def test_bench_sparse_quick(tmp_path):
     assert kv["measured"]["slmforge_bytes_per_token_bf16"] == kv["latent_bytes_per_token_bf16"]
     decode = result["decode"]
     assert decode["speculative_equals_greedy"] and all(row["tokens_per_s"] > 0 for row in decode["rows"].values())
+
+
+@pytest.mark.slow
+def test_bench_gguf_quick(tmp_path):
+    pytest.importorskip("llama_cpp", reason="the benchmark compares against llama.cpp (make test builds it)")
+    out = tmp_path / "gguf.json"
+    stdout = run_quick("bench_gguf.py", out)
+    assert "| quickstart | llama.cpp f32 |" in stdout and "greedy tokens identical at f32: True" in stdout
+    rows = json.loads(out.read_text())
+    assert {r["runner"] for r in rows} == {"slmforge fp32", "llama.cpp f32", "llama.cpp f16", "llama.cpp q8_0"}
+    assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in rows)
