@@ -227,9 +227,11 @@ print(type(model).__name__, "slmforge" in sys.modules)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["tiny", "quickstart", "nekomind-tiny", "axion1-tiny", "codemind-tiny",
-                                    "axl-code-tiny"])
-def test_remote_code_export_runs_without_slmforge(preset, tmp_path):
+@pytest.mark.parametrize(("preset", "family"), [
+    ("tiny", "slmforge"), ("quickstart", "llama"),  # the quickstart is native: the same check without slmforge
+    ("nekomind-tiny", "slmforge"), ("axion1-tiny", "slmforge"), ("codemind-tiny", "slmforge"),
+    ("axl-code-tiny", "slmforge")])
+def test_every_family_exports_and_runs_without_slmforge(preset, family, tmp_path):
     cfg = load_config(preset, ["model.vocab_size=288"] if preset != "axl-code-tiny" else [])
     torch.manual_seed(3)
     model = build_model(cfg.model)
@@ -239,8 +241,8 @@ def test_remote_code_export_runs_without_slmforge(preset, tmp_path):
     tokenizer = byte_tokenizer()
     source = save_checkpoint(tmp_path / "step_1", cfg=cfg, model_state=model.state_dict(), tokenizer=tokenizer,
                              optimizer_tensors={}, state={"step": 1}, keep_last=1)
-    out, family = export_hf(source, tmp_path / "hf")
-    assert family == "slmforge" and (out / "modeling_slmforge.py").is_file()
+    out, written = export_hf(source, tmp_path / "hf")
+    assert written == family and (out / "modeling_slmforge.py").is_file() == (family == "slmforge")
     assert all("from slmforge" not in p.read_text() for p in out.glob("*.py"))
 
     tokens = torch.randint(0, 258, (2, 40), generator=torch.Generator().manual_seed(4))
@@ -249,7 +251,8 @@ def test_remote_code_export_runs_without_slmforge(preset, tmp_path):
     done = subprocess.run([sys.executable, "-c", REMOTE_WORKER, str(out), str(tmp_path)], capture_output=True,
                           text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["SlmforgeForCausalLM", "False"]
+    expected_class = "SlmforgeForCausalLM" if family == "slmforge" else "LlamaForCausalLM"
+    assert done.stdout.split() == [expected_class, "False"]
     theirs = load_file(tmp_path / "out.safetensors")
     ours = load_model(source, device="cpu").model
     with torch.no_grad():

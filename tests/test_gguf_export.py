@@ -121,9 +121,16 @@ def test_ollama_folder(tmp_path, capsys):
 
 
 def test_targets_of_a_preset_and_a_run(tmp_path, capsys):
-    assert main(["info", "quickstart", "--targets"]) == 0
+    assert main(["info", "tiny", "--targets"]) == 0
     out = capsys.readouterr().out
     assert "hf-remote  yes" in out and "gguf       no" in out and "model.final_logit_softcap=30.0" in out
     assert main(["info", str(checkpoint(tmp_path, LLAMA)), "--targets"]) == 0
     out = capsys.readouterr().out
     assert "hf-native  yes: llama" in out and "gguf       yes" in out and "ollama     yes" in out
+
+
+def test_the_quickstart_preset_reaches_every_target():
+    from slmforge.export.targets import reachable
+
+    assert [(target, reasons) for target, _, reasons in reachable(load_config("quickstart").model)] == [
+        ("hf-native", []), ("hf-remote", []), ("gguf", []), ("ollama", [])]
