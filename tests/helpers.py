@@ -55,3 +55,25 @@ def crash_then_resume(cfg, out: Path, crashes: Callable[[str, int], bool], monke
     if before_resume is not None:
         before_resume()
     return train(cfg, out, resume=True)
+
+
+def random_checkpoint(folder: Path, overrides: list[str], seed: int = 0, preset: str = "tiny") -> Path:
+    """A checkpoint of random weights (norm gains around 1, routing biases not zero where the balancing rule
+    is on), so that a swapped, missing or mis-mapped part of an export shows in its logits."""
+    import torch
+
+    from slmforge.checkpoint import save_checkpoint
+    from slmforge.config import load_config
+    from slmforge.model import build_model
+
+    cfg = load_config(preset, overrides)
+    torch.manual_seed(seed)
+    model = build_model(cfg.model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0.0, 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("balance_bias") and cfg.model.moe.bias_update_rate:
+                b.normal_(0.0, 0.2)
+    return save_checkpoint(folder / "step_1", cfg=cfg, model_state=model.state_dict(), tokenizer=byte_tokenizer(),
+                           optimizer_tensors={}, state={"step": 1}, keep_last=1)

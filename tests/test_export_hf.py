@@ -6,11 +6,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from helpers import random_checkpoint
 
 from slmforge.checkpoint import save_checkpoint
 from slmforge.cli import main
@@ -59,24 +59,9 @@ FORMS = {
 }
 
 
-def checkpoint(folder: Path, overrides: list[str], seed: int = 0) -> Path:
-    """A checkpoint of random weights (non-trivial norms and routing biases, so a swapped part shows)."""
-    cfg = load_config("tiny", overrides)
-    torch.manual_seed(seed)
-    model = build_model(cfg.model)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0.0, 0.1)
-        for name, b in model.named_buffers():
-            if name.endswith("balance_bias") and cfg.model.moe.bias_update_rate:
-                b.normal_(0.0, 0.2)
-    return save_checkpoint(folder / "step_1", cfg=cfg, model_state=model.state_dict(), tokenizer=byte_tokenizer(),
-                           optimizer_tensors={}, state={"step": 1}, keep_last=1)
-
-
 @pytest.mark.parametrize("form", list(FORMS))
 def test_native_export_matches(form, tmp_path):
-    source = checkpoint(tmp_path, FORMS[form])
+    source = random_checkpoint(tmp_path, FORMS[form])
     out, family = export_hf(source, tmp_path / "hf")
     assert family == form.split("-")[0]
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False).eval()
@@ -105,7 +90,7 @@ def test_native_export_matches(form, tmp_path):
      ["model.mla.rope_mode=whole_head", "model.moe.score=softmax"]),
 ])
 def test_what_no_native_class_computes_is_refused(overrides, reasons, tmp_path, capsys):
-    source = checkpoint(tmp_path, overrides)
+    source = random_checkpoint(tmp_path, overrides)
     assert main(["export", str(source), "--to", "hf", str(tmp_path / "hf"), "--native"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("slmforge: error: ") and "no transformers class computes this model exactly" in err[0]
@@ -114,7 +99,7 @@ def test_what_no_native_class_computes_is_refused(overrides, reasons, tmp_path, 
 
 
 def test_existing_output_needs_force(tmp_path, capsys):
-    source = checkpoint(tmp_path, FORMS["llama"])
+    source = random_checkpoint(tmp_path, FORMS["llama"])
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "mine.txt").write_text("keep")
     assert main(["export", str(source), "--to", "hf", str(tmp_path / "hf")]) == 2
@@ -128,7 +113,7 @@ def test_existing_output_needs_force(tmp_path, capsys):
 @pytest.mark.parametrize("form", ["llama-untied-pairs-mha", "qwen2-sliding", "qwen3-sliding", "qwen2_moe-qkv-bias",
                                   "qwen3_moe", "deepseek_v3"])
 def test_export_then_import_gives_identical_tensors(form, tmp_path):
-    source = checkpoint(tmp_path, FORMS[form])
+    source = random_checkpoint(tmp_path, FORMS[form])
     out, _ = export_hf(source, tmp_path / "hf")
     assert main(["import", str(out), str(tmp_path / "back")]) == 0
     original, back = load_model(source, device="cpu"), load_model(tmp_path / "back", device="cpu")
@@ -166,7 +151,7 @@ def test_import_a_model_made_by_transformers(tmp_path):
     (lambda cfg, folder: cfg.update(intermediate_size=80), "shape mismatches"),
 ])
 def test_import_refusals(change, message, tmp_path, capsys):
-    source = checkpoint(tmp_path, FORMS["llama"])
+    source = random_checkpoint(tmp_path, FORMS["llama"])
     out, _ = export_hf(source, tmp_path / "hf")
     cfg = json.loads((out / "config.json").read_text())
     change(cfg, out)
@@ -183,7 +168,7 @@ def test_train_from_imported_weights(tmp_path, capsys):
     from helpers import word_dataset
 
     data = word_dataset(tmp_path)
-    out, _ = export_hf(checkpoint(tmp_path, FORMS["qwen3"]), tmp_path / "hf")
+    out, _ = export_hf(random_checkpoint(tmp_path, FORMS["qwen3"]), tmp_path / "hf")
     assert main(["import", str(out), str(tmp_path / "imported")]) == 0
     args = ["train", "--preset", "tiny", "--init", str(tmp_path / "imported"), "--data", str(data),
             "--out", str(tmp_path / "run"), "--set", "train.steps=2", "--set", "train.dtype=fp32"]
@@ -286,7 +271,7 @@ def test_rope_scaling_equals_transformers(params):
 
 
 def test_chat_template_survives_import_and_export(tmp_path):
-    source = checkpoint(tmp_path, FORMS["llama"])
+    source = random_checkpoint(tmp_path, FORMS["llama"])
     out, _ = export_hf(source, tmp_path / "hf")
     template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     config = json.loads((out / "tokenizer_config.json").read_text())

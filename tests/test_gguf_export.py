@@ -5,31 +5,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import random_checkpoint
 
-from slmforge.checkpoint import save_checkpoint
 from slmforge.cli import main
 from slmforge.config import load_config
 from slmforge.export.gguf_export import export_gguf
 from slmforge.infer import SamplingParams, generate_ids
 from slmforge.infer.load import load_model
-from slmforge.model import build_model
 from slmforge.tokenizer import byte_tokenizer
 
 pytest.importorskip("gguf", reason="gguf is not installed (pip install -e '.[test]'): no GGUF export check")
 
 LLAMA = ["model.vocab_size=288", "model.attention_pattern=[global]", "model.final_logit_softcap=null",
          "model.max_seq_len=128", "model.d_model=64", "model.head_dim=16", "model.d_ff=128"]
-
-
-def checkpoint(folder: Path, overrides: list[str], seed: int = 0) -> Path:
-    cfg = load_config("tiny", overrides)
-    torch.manual_seed(seed)
-    model = build_model(cfg.model)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0.0, 0.1)
-    return save_checkpoint(folder / "step_1", cfg=cfg, model_state=model.state_dict(), tokenizer=byte_tokenizer(),
-                           optimizer_tensors={}, state={"step": 1}, keep_last=1)
 
 
 def llama_cpp():
@@ -53,7 +41,7 @@ def llama_greedy(path: Path, prompt: list[int], n: int) -> tuple[list[int], torc
 
 @pytest.mark.parametrize("layout", ["half", "pairs"])
 def test_llama_cpp_decodes_like_slmforge(layout, tmp_path):
-    source = checkpoint(tmp_path, [*LLAMA, f"model.rope_layout={layout}"])
+    source = random_checkpoint(tmp_path, [*LLAMA, f"model.rope_layout={layout}"])
     path = export_gguf(source, tmp_path / "model.gguf")
     ours = load_model(source, device="cpu").model
     prompt = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -66,7 +54,7 @@ def test_llama_cpp_decodes_like_slmforge(layout, tmp_path):
 
 @pytest.mark.parametrize("dtype", ["f16", "q8_0"])
 def test_quantised_exports_keep_the_top_token(dtype, tmp_path):
-    source = checkpoint(tmp_path, LLAMA)
+    source = random_checkpoint(tmp_path, LLAMA)
     path = export_gguf(source, tmp_path / f"model-{dtype}.gguf", dtype=dtype)
     ours = load_model(source, device="cpu").model
     prompt = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(2)).tolist()
@@ -77,7 +65,7 @@ def test_quantised_exports_keep_the_top_token(dtype, tmp_path):
 
 
 def test_byte_tokenizer_tokenizes_alike(tmp_path):
-    path = export_gguf(checkpoint(tmp_path, LLAMA), tmp_path / "model.gguf")
+    path = export_gguf(random_checkpoint(tmp_path, LLAMA), tmp_path / "model.gguf")
     llm = llama_cpp().Llama(model_path=str(path), n_ctx=64, verbose=False, vocab_only=True)
     for text in ["hello world", "déjà vu\n\tx = 1  # ok", "<|eos|> is text here"]:
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == byte_tokenizer().encode(text), text
@@ -86,7 +74,7 @@ def test_byte_tokenizer_tokenizes_alike(tmp_path):
 @pytest.mark.parametrize("dtype", ["f32", "q8_0"])
 def test_round_trip_through_slmforge_import(dtype, tmp_path):
     """Exported, then imported by slmforge's GGUF reader: the same logits (f32 exactly up to rounding)."""
-    source = checkpoint(tmp_path, [*LLAMA, "model.rope_layout=half", "model.tie_embeddings=false"])
+    source = random_checkpoint(tmp_path, [*LLAMA, "model.rope_layout=half", "model.tie_embeddings=false"])
     assert main(["export", str(source), "--to", "gguf", str(tmp_path / "m.gguf"), "--dtype", dtype]) == 0
     assert main(["import", str(tmp_path / "m.gguf"), str(tmp_path / "back")]) == 0
     tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(3))
@@ -100,7 +88,7 @@ def test_round_trip_through_slmforge_import(dtype, tmp_path):
 
 
 def test_what_llama_cpp_cannot_compute_is_refused(tmp_path, capsys):
-    source = checkpoint(tmp_path, ["model.vocab_size=288"])  # the tiny preset: soft-cap, sliding layers
+    source = random_checkpoint(tmp_path, ["model.vocab_size=288"])  # the tiny preset: soft-cap, sliding layers
     assert main(["export", str(source), "--to", "gguf", str(tmp_path / "m.gguf")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert "llama.cpp cannot compute this model as slmforge does" in lines[0]
@@ -112,7 +100,7 @@ def test_what_llama_cpp_cannot_compute_is_refused(tmp_path, capsys):
 def test_ollama_folder(tmp_path, capsys):
     """A GGUF and a Modelfile: FROM the file, a completion template for a model without a chat template, the
     end-of-text token as a stop string, the context length."""
-    source = checkpoint(tmp_path, LLAMA)
+    source = random_checkpoint(tmp_path, LLAMA)
     assert main(["export", str(source), "--to", "ollama", str(tmp_path / "ollama")]) == 0
     assert "ollama create ollama -f" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "ollama").iterdir()) == ["Modelfile", "model.gguf"]
@@ -124,7 +112,7 @@ def test_targets_of_a_preset_and_a_run(tmp_path, capsys):
     assert main(["info", "tiny", "--targets"]) == 0
     out = capsys.readouterr().out
     assert "hf-remote  yes" in out and "gguf       no" in out and "model.final_logit_softcap=30.0" in out
-    assert main(["info", str(checkpoint(tmp_path, LLAMA)), "--targets"]) == 0
+    assert main(["info", str(random_checkpoint(tmp_path, LLAMA)), "--targets"]) == 0
     out = capsys.readouterr().out
     assert "hf-native  yes: llama" in out and "gguf       yes" in out and "ollama     yes" in out
 

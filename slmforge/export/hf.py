@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from slmforge.config import ModelConfig
+from slmforge.export.folder import write_folder
 from slmforge.export.names import gguf_unpermute, to_hf
 from slmforge.export.remote import remote_code_files
 from slmforge.infer.load import LoadedModel, load_model
@@ -208,21 +207,15 @@ def export_hf(run: str | Path, out: str | Path, force: bool = False, native: boo
                    for k, v in loaded.model.state_dict().items()}
     else:
         config, sources, tensors = hf_config(m, family, tok.bos_id, tok.eos_id), {}, hf_tensors(loaded, family)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    def fill(folder: Path) -> None:
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for name, text in sources.items():
-            (tmp / name).write_text(text)
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        tok.save(tmp)
+            (folder / name).write_text(text)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        tok.save(folder)
         generation = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+    write_folder(out, fill)
     return out, config["model_type"]

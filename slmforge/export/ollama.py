@@ -7,10 +7,9 @@ becomes Ollama's ChatML template; any other model gets the plain completion temp
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
+from slmforge.export.folder import write_folder
 from slmforge.export.gguf_export import export_gguf
 from slmforge.export.hf import ExportError
 from slmforge.infer.load import load_model
@@ -41,16 +40,9 @@ def export_ollama(run: str | Path, out: str | Path, dtype: str = "f32", force: b
     if out.exists() and not force:
         raise ExportError(f"{out} already exists: pass --force to replace it")
     loaded = load_model(run, device="cpu")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        export_gguf(loaded.checkpoint, tmp / "model.gguf", dtype=dtype)
-        (tmp / "Modelfile").write_text(modelfile(loaded.tokenizer, loaded.config.model.max_seq_len))
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    def fill(folder: Path) -> None:
+        export_gguf(loaded.checkpoint, folder / "model.gguf", dtype=dtype)
+        (folder / "Modelfile").write_text(modelfile(loaded.tokenizer, loaded.config.model.max_seq_len))
+
+    return write_folder(out, fill)
