@@ -39,9 +39,19 @@ def llama_greedy(path: Path, prompt: list[int], n: int) -> tuple[list[int], torc
     return out, prompt_logits
 
 
-@pytest.mark.parametrize("layout", ["half", "pairs"])
-def test_llama_cpp_decodes_like_slmforge(layout, tmp_path):
-    source = random_checkpoint(tmp_path, [*LLAMA, f"model.rope_layout={layout}"])
+MOE = ["model.ffn=moe", "model.moe.n_experts=4", "model.moe.top_k=2", "model.moe.expert_d_ff=64",
+       "model.moe.first_dense_layers=0", "model.moe.bias_update_rate=0", "model.tie_embeddings=false"]
+FORMS = {
+    "llama-half": [*LLAMA, "model.rope_layout=half"],
+    "llama-pairs": [*LLAMA, "model.rope_layout=pairs"],
+    "qwen2moe": [*LLAMA, *MOE, "model.moe.shared_d_ff=64", "model.moe.shared_gate=true", "model.rope_layout=pairs"],
+    "qwen3moe": [*LLAMA, *MOE, "model.qk_norm=true", "model.moe.norm_topk=true", "model.rope_layout=half"],
+}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_llama_cpp_decodes_like_slmforge(form, tmp_path):
+    source = random_checkpoint(tmp_path, FORMS[form])
     path = export_gguf(source, tmp_path / "model.gguf")
     ours = load_model(source, device="cpu").model
     prompt = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -122,3 +132,13 @@ def test_the_quickstart_preset_reaches_every_target():
 
     assert [(target, reasons) for target, _, reasons in reachable(load_config("quickstart").model)] == [
         ("hf-native", []), ("hf-remote", []), ("gguf", []), ("ollama", [])]
+
+
+def test_moe_forms_llama_cpp_cannot_compute_are_refused(tmp_path, capsys):
+    overrides = [*FORMS["qwen2moe"], "model.moe.first_dense_layers=1", "model.moe.score=sigmoid",
+                 "model.tie_embeddings=true"]
+    source = random_checkpoint(tmp_path, overrides)
+    assert main(["export", str(source), "--to", "gguf", str(tmp_path / "m.gguf")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.strip().split(":")[0] for line in lines[1:]] == [
+        "model.moe.score=sigmoid, route_scale=1.0", "model.moe.first_dense_layers=1", "model.tie_embeddings=true"]

@@ -1,7 +1,9 @@
 """`slmforge export RUN --to gguf OUT.gguf [--dtype f32|f16|bf16|q8_0]`: a GGUF file llama.cpp decodes like
 slmforge, written with the `gguf` package (llama.cpp's converter script rejects newly trained tokenizers).
 
-This first writer covers llama.cpp's `llama` architecture: dense, global attention, optional QK-free biases.
+The writer covers llama.cpp's `llama` architecture (dense, global attention) and its `qwen2moe` and
+`qwen3moe` architectures (softmax-routed experts in every layer; qwen2moe with a gated shared expert,
+qwen3moe with QK-norm and renormalised weights).
 Whatever llama.cpp would compute differently is refused with one line per field, never approximated. The
 q/k rows of a rotate-half ("half") model are permuted into the adjacent-pairs order llama.cpp rotates
 (`names.gguf_permute`); a "pairs" model is already in that order. The tokenizer goes in as llama.cpp's
@@ -20,7 +22,7 @@ import torch
 
 from slmforge.config import ModelConfig
 from slmforge.export.hf import ExportError
-from slmforge.export.names import GGUF_LLAMA_LAYER, GGUF_LLAMA_TOP, gguf_permute
+from slmforge.export.names import GGUF_LLAMA_LAYER, GGUF_LLAMA_TOP, GGUF_MOE_LAYER, gguf_permute, gguf_unpermute
 from slmforge.infer.load import load_model
 
 DTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
@@ -28,9 +30,17 @@ FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_
 NORMAL, CONTROL, UNUSED = 1, 3, 5  # llama.cpp's token types
 
 
-def gguf_blockers(m: ModelConfig) -> list[str]:
-    """One line per field llama.cpp's llama architecture does not compute as slmforge does."""
-    reasons = []
+def gguf_arch(m: ModelConfig) -> str:
+    """The llama.cpp architecture a model is written as: llama (dense), qwen2moe or qwen3moe (experts)."""
+    if m.ffn == "moe" and m.attention == "gqa":
+        return "qwen3moe" if m.qk_norm else "qwen2moe"
+    return "llama"
+
+
+def gguf_blockers(m: ModelConfig, state: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """One line per field llama.cpp does not compute as slmforge does (`state`, when given: the routing
+    biases must be zero, as neither qwen architecture has them)."""
+    arch, reasons = gguf_arch(m), []
     if m.arch != "decoder":
         reasons.append(f"model.arch={m.arch}: llama.cpp has no multi-scale byte model")
     for key in ("final_logit_softcap", "attn_logit_softcap"):
@@ -40,19 +50,42 @@ def gguf_blockers(m: ModelConfig) -> list[str]:
     if m.residual != "add":
         reasons.append(f"model.residual={m.residual}: llama.cpp has no attention residuals")
     if m.mtp_depth:
-        reasons.append(f"model.mtp_depth={m.mtp_depth}: the llama architecture has no MTP modules")
+        reasons.append(f"model.mtp_depth={m.mtp_depth}: llama.cpp's {arch} architecture has no MTP modules")
     if any(w is not None for w in m.layer_windows()):
-        reasons.append(f"model.attention_pattern={m.attention_pattern}: llama.cpp's llama architecture attends "
+        reasons.append(f"model.attention_pattern={m.attention_pattern}: llama.cpp's {arch} architecture attends "
                        "globally in every layer")
-    if m.qk_norm:
+    if m.qk_norm and arch == "llama":
         reasons.append("model.qk_norm=true: llama.cpp's llama architecture has no QK-norm")
     if m.attention != "gqa":
-        reasons.append("model.attention=mla: not in the llama architecture (deepseek2 export is not written yet)")
-    if m.ffn == "moe":
-        reasons.append("model.ffn=moe: not in the llama architecture (qwen2moe/qwen3moe/deepseek2 export is not "
-                       "written yet)")
+        reasons.append("model.attention=mla: llama.cpp's deepseek2 architecture is not written yet")
+    if arch != "llama":
+        reasons += _moe_blockers(m, arch, state)
     if m.rope_scaling.kind not in ("none", "linear"):
         reasons.append(f"model.rope_scaling.kind={m.rope_scaling.kind}: written only for plain and linear RoPE")
+    return reasons
+
+
+def _moe_blockers(m: ModelConfig, arch: str, state: dict | None) -> list[str]:
+    e, reasons = m.moe, []
+    if e.score != "softmax" or e.route_scale != 1.0:
+        reasons.append(f"model.moe.score={e.score}, route_scale={e.route_scale}: llama.cpp's {arch} routes by "
+                       "softmax, unscaled")
+    if e.first_dense_layers:
+        reasons.append(f"model.moe.first_dense_layers={e.first_dense_layers}: every layer of {arch} is MoE")
+    if e.norm_topk != (arch == "qwen3moe"):
+        reasons.append(f"model.moe.norm_topk={e.norm_topk}: {arch} {'renormalises' if arch == 'qwen3moe' else 'keeps'}"
+                       " the top-k weights")
+    if arch == "qwen2moe" and (not e.shared_d_ff or not e.shared_gate):
+        reasons.append("model.moe.shared_d_ff / shared_gate: qwen2moe has a sigmoid-gated shared expert")
+    if arch == "qwen3moe" and e.shared_d_ff:
+        reasons.append(f"model.moe.shared_d_ff={e.shared_d_ff}: qwen3moe has no shared expert")
+    if arch == "qwen2moe" and m.tie_embeddings:
+        reasons.append("model.tie_embeddings=true: llama.cpp's qwen2moe needs its own output matrix")
+    if m.bias:
+        reasons.append(f"model.bias=true: {arch} has no biases on every projection")
+    if state is not None and any(k.endswith("balance_bias") and torch.count_nonzero(v) for k, v in state.items()):
+        reasons.append(f"model.moe.bias_update_rate={e.bias_update_rate}: the trained routing biases are not zero, "
+                       f"and {arch} has none")
     return reasons
 
 
@@ -88,23 +121,32 @@ def _tokenizer(writer, tokenizer, vocab_size: int) -> None:
         writer.add_chat_template(tokenizer.chat_template)
 
 
-def _tensors(state: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, np.ndarray]:
-    """GGUF names -> float32 arrays, q/k rows in llama.cpp's adjacent-pairs order."""
+def _tensors(state: dict[str, torch.Tensor], m: ModelConfig, arch: str) -> dict[str, np.ndarray]:
+    """GGUF names -> float32 arrays. llama rotates adjacent pairs, the qwen architectures rotate halves
+    (NEOX): q/k rows (and QK-norm gains) are reordered where slmforge's layout differs."""
     inverse_top = {v: k for k, v in GGUF_LLAMA_TOP.items()}
-    inverse_layer = {v: k for k, v in GGUF_LLAMA_LAYER.items()}
+    inverse_layer = {**{v: k for k, v in GGUF_LLAMA_LAYER.items()}, **GGUF_MOE_LAYER}
+    reorder = gguf_permute if arch == "llama" and m.rope_layout == "half" else (
+        gguf_unpermute if arch != "llama" and m.rope_layout == "pairs" else None)
+    heads = {"attn.q_proj": m.n_heads, "attn.k_proj": m.n_kv_heads, "attn.q_norm": 1, "attn.k_norm": 1}
     out = {}
     for name, tensor in state.items():
+        if name.endswith("balance_bias"):
+            continue  # zero (checked): the qwen architectures have no routing bias
         if name in inverse_top:
-            gguf_name = inverse_top[name]
-        else:
-            _, index, rest = name.split(".", 2)
-            stem, _, leaf = rest.rpartition(".")
-            gguf_name = f"blk.{index}.{inverse_layer[stem]}.{leaf}"
-        if m.rope_layout == "half" and name.endswith(("attn.q_proj.weight", "attn.q_proj.bias")):
-            tensor = gguf_permute(tensor, m.n_heads)
-        elif m.rope_layout == "half" and name.endswith(("attn.k_proj.weight", "attn.k_proj.bias")):
-            tensor = gguf_permute(tensor, m.n_kv_heads)
-        out[gguf_name] = tensor.detach().to(torch.float32).numpy()
+            out[inverse_top[name]] = tensor.detach().to(torch.float32).numpy()
+            continue
+        _, index, rest = name.split(".", 2)
+        stem, leaf = (rest, "weight") if rest.startswith("ffn.experts.") else rest.rsplit(".", 1)
+        if reorder is not None and stem in heads:
+            tensor = reorder(tensor, heads[stem])
+        if stem == "ffn.shared_gate":
+            tensor = tensor.reshape(-1)  # llama.cpp keeps the shared expert's gate as one vector
+        out[f"blk.{index}.{inverse_layer[stem]}.{leaf}"] = tensor.detach().to(torch.float32).numpy()
+    if arch == "qwen2moe":  # llama.cpp requires q/k/v biases there: zero ones change nothing
+        for i in range(m.n_layers):
+            for part, width in (("attn_q", m.n_heads), ("attn_k", m.n_kv_heads), ("attn_v", m.n_kv_heads)):
+                out.setdefault(f"blk.{i}.{part}.bias", np.zeros(width * m.head_dim, dtype=np.float32))
     return out
 
 
@@ -119,13 +161,14 @@ def export_gguf(run: str | Path, out: str | Path, dtype: str = "f32", force: boo
         raise ExportError(f"{out} already exists: pass --force to replace it")
     loaded = load_model(run, device="cpu")
     m = loaded.config.model
-    reasons = gguf_blockers(m)
+    arch = gguf_arch(m)
+    reasons = gguf_blockers(m, loaded.model.state_dict())
     if reasons:
         raise ExportError(f"{loaded.checkpoint}: llama.cpp cannot compute this model as slmforge does:\n  "
                           + "\n  ".join(reasons))
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
-        writer = gguf.GGUFWriter(str(tmp), "llama")
+        writer = gguf.GGUFWriter(str(tmp), arch)
         writer.add_name(loaded.checkpoint.parent.parent.name or "slmforge model")
         writer.add_context_length(m.max_seq_len)
         writer.add_embedding_length(m.d_model)
@@ -141,13 +184,19 @@ def export_gguf(run: str | Path, out: str | Path, dtype: str = "f32", force: boo
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(m.rope_scaling.factor)
         writer.add_layer_norm_rms_eps(m.norm_eps)
+        if arch != "llama":
+            writer.add_expert_count(m.moe.n_experts)
+            writer.add_expert_used_count(m.moe.top_k)
+            writer.add_expert_feed_forward_length(m.moe.expert_d_ff)
+            if m.moe.shared_d_ff:
+                writer.add_expert_shared_feed_forward_length(m.moe.shared_d_ff)
         writer.add_vocab_size(m.vocab_size)
         writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[dtype]))
         _tokenizer(writer, loaded.tokenizer, m.vocab_size)
         qtype = getattr(gguf.GGMLQuantizationType, DTYPES[dtype])
-        for name, array in _tensors(loaded.model.state_dict(), m).items():
+        for name, array in _tensors(loaded.model.state_dict(), m, arch).items():
             # matrices in the chosen type (q8_0 needs rows of whole 32-value blocks); norms and biases in f32
-            kind = qtype if array.ndim == 2 and array.shape[1] % 32 == 0 else gguf.GGMLQuantizationType.F32
+            kind = qtype if array.ndim >= 2 and array.shape[-1] % 32 == 0 else gguf.GGMLQuantizationType.F32
             if kind == gguf.GGMLQuantizationType.F32:
                 writer.add_tensor(name, array)
             else:

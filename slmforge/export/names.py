@@ -48,6 +48,13 @@ GGUF_LLAMA_LAYER = {"attn_norm": "attn_norm", "attn_q": "attn.q_proj", "attn_k":
                     "attn_v": "attn.v_proj", "attn_output": "attn.o_proj", "ffn_norm": "ffn_norm",
                     "ffn_gate": "ffn.gate_proj", "ffn_up": "ffn.up_proj", "ffn_down": "ffn.down_proj"}
 
+# ... and the parts llama.cpp's qwen2moe / qwen3moe architectures add (experts stacked as [E, out, in])
+GGUF_MOE_LAYER = {"attn.q_norm": "attn_q_norm", "attn.k_norm": "attn_k_norm", "ffn.router": "ffn_gate_inp",
+                  "ffn.experts.gate_proj": "ffn_gate_exps", "ffn.experts.up_proj": "ffn_up_exps",
+                  "ffn.experts.down_proj": "ffn_down_exps", "ffn.shared_expert.gate_proj": "ffn_gate_shexp",
+                  "ffn.shared_expert.up_proj": "ffn_up_shexp", "ffn.shared_expert.down_proj": "ffn_down_shexp",
+                  "ffn.shared_gate": "ffn_gate_inp_shexp"}
+
 # CodeMind's released checkpoints (attn_res_operators.*) for model.residual=attnres_codemind.
 CODEMIND_RESIDUAL = ("attn_res_operators.{i}.pseudo_query", "residual.queries.{i}")
 
