@@ -46,6 +46,15 @@ FORMS = {
     "llama-pairs": [*LLAMA, "model.rope_layout=pairs"],
     "qwen2moe": [*LLAMA, *MOE, "model.moe.shared_d_ff=64", "model.moe.shared_gate=true", "model.rope_layout=pairs"],
     "qwen3moe": [*LLAMA, *MOE, "model.qk_norm=true", "model.moe.norm_topk=true", "model.rope_layout=half"],
+    "deepseek2": [*LLAMA, *MOE, "model.attention=mla", "model.n_kv_heads=4", "model.rope_layout=pairs",
+                  "model.mla.q_lora_rank=32", "model.mla.kv_lora_rank=32", "model.mla.qk_head_dim=16",
+                  "model.mla.rope_head_dim=8", "model.mla.v_head_dim=16", "model.moe.score=sigmoid",
+                  "model.moe.shared_d_ff=64", "model.moe.norm_topk=true", "model.moe.route_scale=2.5",
+                  "model.moe.first_dense_layers=1", "model.moe.bias_update_rate=0.001"],
+    "deepseek2-softmax-no-q-latent": [*LLAMA, *MOE, "model.attention=mla", "model.n_kv_heads=4",
+                                      "model.rope_layout=pairs", "model.mla.q_lora_rank=0", "model.mla.kv_lora_rank=32",
+                                      "model.mla.qk_head_dim=16", "model.mla.rope_head_dim=8", "model.mla.v_head_dim=16",
+                                      "model.moe.shared_d_ff=128", "model.moe.bias_update_rate=0.001"],
 }
 
 

@@ -22,7 +22,14 @@ import torch
 
 from slmforge.config import ModelConfig
 from slmforge.export.hf import ExportError
-from slmforge.export.names import GGUF_LLAMA_LAYER, GGUF_LLAMA_TOP, GGUF_MOE_LAYER, gguf_permute, gguf_unpermute
+from slmforge.export.names import (
+    GGUF_LLAMA_LAYER,
+    GGUF_LLAMA_TOP,
+    GGUF_MLA_LAYER,
+    GGUF_MOE_LAYER,
+    gguf_permute,
+    gguf_unpermute,
+)
 from slmforge.infer.load import load_model
 
 DTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
@@ -32,7 +39,9 @@ NORMAL, CONTROL, UNUSED = 1, 3, 5  # llama.cpp's token types
 
 def gguf_arch(m: ModelConfig) -> str:
     """The llama.cpp architecture a model is written as: llama (dense), qwen2moe or qwen3moe (experts)."""
-    if m.ffn == "moe" and m.attention == "gqa":
+    if m.attention == "mla":
+        return "deepseek2"
+    if m.ffn == "moe":
         return "qwen3moe" if m.qk_norm else "qwen2moe"
     return "llama"
 
@@ -56,9 +65,9 @@ def gguf_blockers(m: ModelConfig, state: dict[str, torch.Tensor] | None = None) 
                        "globally in every layer")
     if m.qk_norm and arch == "llama":
         reasons.append("model.qk_norm=true: llama.cpp's llama architecture has no QK-norm")
-    if m.attention != "gqa":
-        reasons.append("model.attention=mla: llama.cpp's deepseek2 architecture is not written yet")
-    if arch != "llama":
+    if arch == "deepseek2":
+        reasons += _deepseek2_blockers(m)
+    elif arch != "llama":
         reasons += _moe_blockers(m, arch, state)
     if m.rope_scaling.kind not in ("none", "linear"):
         reasons.append(f"model.rope_scaling.kind={m.rope_scaling.kind}: written only for plain and linear RoPE")
@@ -86,6 +95,28 @@ def _moe_blockers(m: ModelConfig, arch: str, state: dict | None) -> list[str]:
     if state is not None and any(k.endswith("balance_bias") and torch.count_nonzero(v) for k, v in state.items()):
         reasons.append(f"model.moe.bias_update_rate={e.bias_update_rate}: the trained routing biases are not zero, "
                        f"and {arch} has none")
+    return reasons
+
+
+def _deepseek2_blockers(m: ModelConfig) -> list[str]:
+    a, e, reasons = m.mla, m.moe, []
+    if a.rope_mode != "decoupled" or not a.latent_norm:
+        reasons.append(f"model.mla.rope_mode={a.rope_mode}, latent_norm={a.latent_norm}: deepseek2 rotates a "
+                       "separate RoPE key and normalises its latents")
+    if m.n_kv_heads != m.n_heads:
+        reasons.append(f"model.n_kv_heads={m.n_kv_heads}: deepseek2 up-projects one key/value head per query head")
+    if m.rope_layout != "pairs":
+        reasons.append("model.rope_layout=half: the deepseek2 writer takes adjacent-pairs RoPE (DeepSeek's own)")
+    if m.ffn != "moe":
+        reasons.append("model.ffn=dense: deepseek2 has routed experts")
+    elif e.shared_gate or not e.shared_d_ff or e.shared_d_ff % e.expert_d_ff:
+        reasons.append(f"model.moe.shared_d_ff={e.shared_d_ff}, shared_gate={e.shared_gate}: deepseek2's shared "
+                       f"experts are whole, ungated experts of {e.expert_d_ff}")
+    if m.rope_scaling.kind != "none":
+        reasons.append(f"model.rope_scaling.kind={m.rope_scaling.kind}: deepseek2 also rescales its softmax "
+                       "under RoPE scaling")
+    if m.qk_norm or m.bias:
+        reasons.append("model.qk_norm / model.bias: deepseek2 has neither")
     return reasons
 
 
@@ -122,16 +153,16 @@ def _tokenizer(writer, tokenizer, vocab_size: int) -> None:
 
 
 def _tensors(state: dict[str, torch.Tensor], m: ModelConfig, arch: str) -> dict[str, np.ndarray]:
-    """GGUF names -> float32 arrays. llama rotates adjacent pairs, the qwen architectures rotate halves
-    (NEOX): q/k rows (and QK-norm gains) are reordered where slmforge's layout differs."""
+    """GGUF names -> float32 arrays. llama and deepseek2 rotate adjacent pairs, the qwen architectures
+    rotate halves (NEOX): q/k rows (and QK-norm gains) are reordered where slmforge's layout differs."""
     inverse_top = {v: k for k, v in GGUF_LLAMA_TOP.items()}
-    inverse_layer = {**{v: k for k, v in GGUF_LLAMA_LAYER.items()}, **GGUF_MOE_LAYER}
+    inverse_layer = {**{v: k for k, v in GGUF_LLAMA_LAYER.items()}, **GGUF_MOE_LAYER, **GGUF_MLA_LAYER}
     reorder = gguf_permute if arch == "llama" and m.rope_layout == "half" else (
-        gguf_unpermute if arch != "llama" and m.rope_layout == "pairs" else None)
+        gguf_unpermute if arch in ("qwen2moe", "qwen3moe") and m.rope_layout == "pairs" else None)
     heads = {"attn.q_proj": m.n_heads, "attn.k_proj": m.n_kv_heads, "attn.q_norm": 1, "attn.k_norm": 1}
     out = {}
     for name, tensor in state.items():
-        if name.endswith("balance_bias"):
+        if name.endswith("balance_bias") and arch != "deepseek2":
             continue  # zero (checked): the qwen architectures have no routing bias
         if name in inverse_top:
             out[inverse_top[name]] = tensor.detach().to(torch.float32).numpy()
@@ -142,12 +173,43 @@ def _tensors(state: dict[str, torch.Tensor], m: ModelConfig, arch: str) -> dict[
             tensor = reorder(tensor, heads[stem])
         if stem == "ffn.shared_gate":
             tensor = tensor.reshape(-1)  # llama.cpp keeps the shared expert's gate as one vector
+        if stem == "attn.kv_b_proj":  # per head [k_nope; v] x latent -> k_b [H, latent, nope], v_b [H, v, latent]
+            a = m.mla
+            w = tensor.detach().to(torch.float32).view(m.n_heads, a.qk_head_dim + a.v_head_dim, a.kv_lora_rank)
+            out[f"blk.{index}.attn_k_b.weight"] = w[:, :a.qk_head_dim].transpose(1, 2).contiguous().numpy()
+            out[f"blk.{index}.attn_v_b.weight"] = w[:, a.qk_head_dim:].contiguous().numpy()
+            continue
+        if stem == "ffn.router" and leaf == "balance_bias":
+            out[f"blk.{index}.exp_probs_b.bias"] = tensor.detach().to(torch.float32).numpy()
+            continue
         out[f"blk.{index}.{inverse_layer[stem]}.{leaf}"] = tensor.detach().to(torch.float32).numpy()
     if arch == "qwen2moe":  # llama.cpp requires q/k/v biases there: zero ones change nothing
         for i in range(m.n_layers):
             for part, width in (("attn_q", m.n_heads), ("attn_k", m.n_kv_heads), ("attn_v", m.n_kv_heads)):
                 out.setdefault(f"blk.{i}.{part}.bias", np.zeros(width * m.head_dim, dtype=np.float32))
     return out
+
+
+def _deepseek2_keys(writer, m: ModelConfig, gguf) -> None:
+    """deepseek2's MLA and MoE keys, in the MLA form (one latent key/value head, split up-projections)."""
+    a, e = m.mla, m.moe
+    writer.add_head_count_kv(1)
+    writer.add_key_length(a.kv_lora_rank + a.rope_head_dim)
+    writer.add_value_length(a.kv_lora_rank)
+    writer.add_key_length_mla(a.qk_head_dim + a.rope_head_dim)
+    writer.add_value_length_mla(a.v_head_dim)
+    writer.add_rope_dimension_count(a.rope_head_dim)
+    writer.add_q_lora_rank(a.q_lora_rank)  # 0: no query latent (the key must be there: llama.cpp requires it)
+    writer.add_kv_lora_rank(a.kv_lora_rank)
+    writer.add_leading_dense_block_count(e.first_dense_layers)
+    writer.add_expert_count(e.n_experts)
+    writer.add_expert_used_count(e.top_k)
+    writer.add_expert_feed_forward_length(e.expert_d_ff)
+    writer.add_expert_shared_count(e.shared_d_ff // e.expert_d_ff)
+    writer.add_expert_weights_scale(e.route_scale)
+    writer.add_expert_weights_norm(e.norm_topk)
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if e.score == "sigmoid"
+                                  else gguf.ExpertGatingFuncType.SOFTMAX)
 
 
 def export_gguf(run: str | Path, out: str | Path, dtype: str = "f32", force: bool = False) -> Path:
@@ -175,16 +237,19 @@ def export_gguf(run: str | Path, out: str | Path, dtype: str = "f32", force: boo
         writer.add_block_count(m.n_layers)
         writer.add_feed_forward_length(m.d_ff)
         writer.add_head_count(m.n_heads)
-        writer.add_head_count_kv(m.n_kv_heads)
-        writer.add_key_length(m.head_dim)
-        writer.add_value_length(m.head_dim)
-        writer.add_rope_dimension_count(m.head_dim)
+        if arch != "deepseek2":
+            writer.add_head_count_kv(m.n_kv_heads)
+            writer.add_key_length(m.head_dim)
+            writer.add_value_length(m.head_dim)
+            writer.add_rope_dimension_count(m.head_dim)
         writer.add_rope_freq_base(m.rope_base)
         if m.rope_scaling.kind == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(m.rope_scaling.factor)
         writer.add_layer_norm_rms_eps(m.norm_eps)
-        if arch != "llama":
+        if arch == "deepseek2":
+            _deepseek2_keys(writer, m, gguf)
+        elif arch != "llama":
             writer.add_expert_count(m.moe.n_experts)
             writer.add_expert_used_count(m.moe.top_k)
             writer.add_expert_feed_forward_length(m.moe.expert_d_ff)

@@ -55,6 +55,10 @@ GGUF_MOE_LAYER = {"attn.q_norm": "attn_q_norm", "attn.k_norm": "attn_k_norm", "f
                   "ffn.shared_expert.up_proj": "ffn_up_shexp", "ffn.shared_expert.down_proj": "ffn_down_shexp",
                   "ffn.shared_gate": "ffn_gate_inp_shexp"}
 
+# ... and llama.cpp's deepseek2 (MLA); its kv_b_proj is split into attn_k_b / attn_v_b by the writer
+GGUF_MLA_LAYER = {"attn.q_a_proj": "attn_q_a", "attn.q_a_norm": "attn_q_a_norm", "attn.q_b_proj": "attn_q_b",
+                  "attn.q_proj": "attn_q", "attn.kv_a_proj": "attn_kv_a_mqa", "attn.kv_a_norm": "attn_kv_a_norm"}
+
 # CodeMind's released checkpoints (attn_res_operators.*) for model.residual=attnres_codemind.
 CODEMIND_RESIDUAL = ("attn_res_operators.{i}.pseudo_query", "residual.queries.{i}")
 
