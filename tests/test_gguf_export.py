@@ -151,3 +151,15 @@ def test_moe_forms_llama_cpp_cannot_compute_are_refused(tmp_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert [line.strip().split(":")[0] for line in lines[1:]] == [
         "model.moe.score=sigmoid, route_scale=1.0", "model.moe.first_dense_layers=1", "model.tie_embeddings=true"]
+
+
+def test_the_quickstart_model_runs_in_llama_cpp(tmp_path):
+    """The quickstart preset as `make quickstart` trains it (random weights here): llama.cpp decodes its GGUF
+    like slmforge."""
+    source = random_checkpoint(tmp_path, [], preset="quickstart")
+    path = export_gguf(source, tmp_path / "quickstart.gguf")
+    ours = load_model(source, device="cpu").model
+    prompt = torch.randint(0, 256, (16,), generator=torch.Generator().manual_seed(4)).tolist()
+    theirs, _ = llama_greedy(path, prompt, 64)
+    params = SamplingParams(max_new_tokens=64, min_new_tokens=64, temperature=0.0)
+    assert generate_ids(ours, [prompt], params)[0].token_ids == theirs
