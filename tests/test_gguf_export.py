@@ -1,6 +1,7 @@
 """`slmforge export --to gguf`: llama.cpp (through llama-cpp-python) decodes the file token for token like
 slmforge; the file round-trips through slmforge's own GGUF import; what llama.cpp cannot compute is refused."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,16 @@ def test_the_quickstart_model_runs_in_llama_cpp(tmp_path):
     theirs, _ = llama_greedy(path, prompt, 64)
     params = SamplingParams(max_new_tokens=64, min_new_tokens=64, temperature=0.0)
     assert generate_ids(ours, [prompt], params)[0].token_ids == theirs
+
+
+@pytest.mark.parametrize("form", ["qwen2moe", "qwen3moe", "deepseek2", "deepseek2-softmax-no-q-latent"])
+def test_moe_and_mla_round_trip_through_slmforge_import(form, tmp_path):
+    source = random_checkpoint(tmp_path, FORMS[form])
+    export_gguf(source, tmp_path / "m.gguf")
+    assert main(["import", str(tmp_path / "m.gguf"), str(tmp_path / "back")]) == 0
+    tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(5))
+    original, back = load_model(source, device="cpu"), load_model(tmp_path / "back", device="cpu")
+    # the routing as it was (the bias's update rate is a training setting, which a GGUF does not carry)
+    assert back.config.model.moe == dataclasses.replace(original.config.model.moe, bias_update_rate=0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(back.model(tokens)[0], original.model(tokens)[0], atol=1e-5, rtol=0)

@@ -1,9 +1,9 @@
 """`slmforge import FILE.gguf OUT`: a GGUF model (llama.cpp's format) as an slmforge checkpoint folder.
 
-The llama architecture is read (llama.cpp names SmolLM, Llama and Mistral-style dense models so), with
-tensors in f32, f16, bf16, q8_0, q4_0 or q4_1, dequantised to fp32 with the `gguf` package. GGUF keeps
-llama's q/k rows in adjacent-pairs order, which is slmforge's `rope_layout: pairs`: the weights come in
-unpermuted. The tokenizer is rebuilt from the file (a GPT-2-style byte-level BPE: tokens, merges, control
+The architectures slmforge writes are read: llama (SmolLM, Llama and Mistral-style dense models), qwen2moe,
+qwen3moe and deepseek2 (in its MLA form), with tensors in f32, f16, bf16, q8_0, q4_0 or q4_1, dequantised
+to fp32 with the `gguf` package. Each architecture's RoPE order is kept as slmforge's `rope_layout`
+(pairs for llama and deepseek2, half for the qwen architectures): the weights come in unpermuted. The tokenizer is rebuilt from the file (a GPT-2-style byte-level BPE: tokens, merges, control
 tokens, the pre-tokenizer llama.cpp names, the chat template). What slmforge cannot compute exactly
 (another architecture, RoPE over part of a head, another RoPE scaling, another tokenizer model) is refused
 by name.
@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from slmforge.export.hf import ExportError
-from slmforge.export.names import GGUF_LLAMA_LAYER, GGUF_LLAMA_TOP
+from slmforge.export.names import GGUF_LLAMA_LAYER, GGUF_LLAMA_TOP, GGUF_MLA_LAYER, GGUF_MOE_LAYER
 
 QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+GGUF_INVERSE = {**GGUF_LLAMA_LAYER, **{v: k for k, v in {**GGUF_MOE_LAYER, **GGUF_MLA_LAYER}.items()}}
 CONTROL, UNUSED = 3, 5  # llama.cpp's token types of special (control) tokens and of padding rows
 # llama.cpp's pre-tokenizer names whose splitting the tokenizers library reproduces: steps before ByteLevel
 PRE_TOKENIZERS = {"gpt-2": [], "default": [], "smollm": ["digits"]}
@@ -53,49 +54,92 @@ def _field(reader, key: str, default=None):
     return field.contents()
 
 
+ARCHITECTURES = ("llama", "qwen2moe", "qwen3moe", "deepseek2")
+
+
 def model_section(reader) -> dict:
-    """The slmforge `model` mapping of a llama-architecture GGUF (raises ExportError naming the key)."""
+    """The slmforge `model` mapping of a GGUF of one of ARCHITECTURES (raises ExportError naming the key)."""
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ExportError(f"GGUF general.architecture={arch!r}: slmforge imports the llama architecture")
-    d, heads = _field(reader, "llama.embedding_length"), _field(reader, "llama.attention.head_count")
-    head_dim = _field(reader, "llama.attention.key_length", d // heads)
-    rope_dims = _field(reader, "llama.rope.dimension_count", head_dim)
-    if rope_dims != head_dim:
-        raise ExportError(f"GGUF llama.rope.dimension_count={rope_dims}: RoPE over part of a head "
-                          f"({head_dim} channels) is not computed by slmforge")
-    scaling = _field(reader, "llama.rope.scaling.type", "none")
-    if scaling not in ("none", "linear"):
-        raise ExportError(f"GGUF llama.rope.scaling.type={scaling!r}: slmforge imports plain and linear RoPE from GGUF")
+    if arch not in ARCHITECTURES:
+        raise ExportError(f"GGUF general.architecture={arch!r}: slmforge imports {', '.join(ARCHITECTURES)}")
+    key = lambda name, default=None: _field(reader, f"{arch}.{name}", default)  # noqa: E731
+    d, heads = key("embedding_length"), key("attention.head_count")
+    head_dim = key("attention.key_length", d // heads)
+    if arch != "deepseek2" and key("rope.dimension_count", head_dim) != head_dim:
+        raise ExportError(f"GGUF {arch}.rope.dimension_count={key('rope.dimension_count')}: RoPE over part of a "
+                          f"head ({head_dim} channels) is not computed by slmforge")
+    scaling = key("rope.scaling.type", "none")
+    if scaling not in ("none", "linear") or (scaling != "none" and arch == "deepseek2"):
+        raise ExportError(f"GGUF {arch}.rope.scaling.type={scaling!r}: slmforge imports plain and linear RoPE "
+                          "from GGUF (plain for deepseek2)")
     names = {t.name for t in reader.tensors}
     embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embedding is None:
         raise ExportError("GGUF tensor token_embd.weight is missing")
-    section = {"vocab_size": int(embedding.shape[1]), "d_model": d,
-               "n_layers": _field(reader, "llama.block_count"), "n_heads": heads,
-               "n_kv_heads": _field(reader, "llama.attention.head_count_kv", heads), "head_dim": head_dim,
-               "d_ff": _field(reader, "llama.feed_forward_length"), "max_seq_len": _field(reader, "llama.context_length"),
-               "norm_eps": _field(reader, "llama.attention.layer_norm_rms_epsilon"),
-               "rope_base": _field(reader, "llama.rope.freq_base", 10000.0), "rope_layout": "pairs",
+    section = {"vocab_size": int(embedding.shape[1]), "d_model": d, "n_layers": key("block_count"),
+               "n_heads": heads, "n_kv_heads": key("attention.head_count_kv", heads), "head_dim": head_dim,
+               "d_ff": key("feed_forward_length"), "max_seq_len": key("context_length"),
+               "norm_eps": key("attention.layer_norm_rms_epsilon"), "rope_base": key("rope.freq_base", 10000.0),
+               # llama and deepseek2 rotate adjacent pairs; the qwen architectures rotate halves (NEOX)
+               "rope_layout": "half" if arch.startswith("qwen") else "pairs",
                "tie_embeddings": "output.weight" not in names, "attention_pattern": ["global"],
-               "final_logit_softcap": None, "attn_logit_softcap": None, "qk_norm": False,
+               "final_logit_softcap": None, "attn_logit_softcap": None, "qk_norm": "blk.0.attn_q_norm.weight" in names,
                "bias": "blk.0.attn_output.bias" in names, "qkv_bias": "blk.0.attn_q.bias" in names}
     if scaling == "linear":
-        section["rope_scaling"] = {"kind": "linear", "factor": _field(reader, "llama.rope.scaling.factor")}
+        section["rope_scaling"] = {"kind": "linear", "factor": key("rope.scaling.factor")}
+    if arch != "llama":
+        section["ffn"] = "moe"
+        section["moe"] = {"n_experts": key("expert_count"), "top_k": key("expert_used_count"),
+                          "expert_d_ff": key("expert_feed_forward_length"), "bias_update_rate": 0.0,
+                          "shared_d_ff": key("expert_shared_feed_forward_length", 0), "score": "softmax",
+                          "norm_topk": arch == "qwen3moe", "route_scale": 1.0, "first_dense_layers": 0}
+        section["moe"]["shared_gate"] = section["moe"]["shared_d_ff"] > 0
+    if arch == "deepseek2":
+        section.update(_deepseek2(key, heads))
     return section
 
 
+def _deepseek2(key, heads: int) -> dict:
+    """deepseek2's MLA and routing keys as slmforge's model fields (the MLA form: split latent up-projections)."""
+    if key("attention.key_length_mla", 0) == 0:
+        raise ExportError("GGUF deepseek2.attention.key_length_mla is missing: a legacy deepseek2 file with an "
+                          "unsplit attn_kv_b, which slmforge does not read")
+    rope = key("rope.dimension_count")
+    gating = key("expert_gating_func", 1)
+    expert = key("expert_feed_forward_length")
+    return {"attention": "mla", "n_kv_heads": heads, "head_dim": None,
+            "mla": {"q_lora_rank": key("attention.q_lora_rank", 0), "kv_lora_rank": key("attention.kv_lora_rank"),
+                    "qk_head_dim": key("attention.key_length_mla") - rope, "rope_head_dim": rope,
+                    "v_head_dim": key("attention.value_length_mla"), "latent_norm": True, "rope_mode": "decoupled"},
+            "moe": {"n_experts": key("expert_count"), "top_k": key("expert_used_count"), "expert_d_ff": expert,
+                    "shared_d_ff": key("expert_shared_count") * expert, "shared_gate": False,
+                    "score": "sigmoid" if gating == 2 else "softmax", "norm_topk": bool(key("expert_weights_norm", False)),
+                    "route_scale": key("expert_weights_scale", 1.0), "bias_update_rate": 0.0,
+                    "first_dense_layers": key("leading_dense_block_count", 0)}}
+
+
 def read_tensors(reader, path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor dequantised to fp32 under slmforge's names."""
+    """Every tensor dequantised to fp32 under slmforge's names (deepseek2's split latent up-projections
+    joined again into kv_b_proj)."""
     from gguf.quants import dequantize
 
-    out = {}
+    out, split = {}, {}
     for tensor in reader.tensors:
         kind = tensor.tensor_type.name
         if kind not in QUANT_TYPES:
             raise ExportError(f"{path}: tensor {tensor.name} is {kind}; slmforge reads {', '.join(QUANT_TYPES)}")
-        values = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)  # a copy: the file is mapped
-        out[_our_name(tensor.name)] = torch.from_numpy(values)
+        values = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
+        if tensor.name.endswith((".attn_k_b.weight", ".attn_v_b.weight")):
+            split[tensor.name] = values  # a copy above: the file is mapped read-only
+            continue
+        name = _our_name(tensor.name)
+        out[name] = values.reshape(1, -1) if name.endswith("ffn.shared_gate.weight") else values
+    for name, k_b in split.items():
+        if name.endswith(".attn_k_b.weight"):  # [H, latent, nope] and v_b [H, v, latent] -> [H (nope + v), latent]
+            v_b = split[name.replace("attn_k_b", "attn_v_b")]
+            index = name.split(".")[1]
+            joined = torch.cat((k_b.transpose(1, 2), v_b), dim=1)
+            out[f"layers.{index}.attn.kv_b_proj.weight"] = joined.reshape(-1, joined.shape[-1])
     return out
 
 
@@ -106,7 +150,11 @@ def _our_name(name: str) -> str:
     if parts[0] != "blk" or len(parts) < 3:
         return name  # unknown: the strict load names it
     stem, _, leaf = parts[2].rpartition(".")
-    return f"layers.{parts[1]}.{GGUF_LLAMA_LAYER.get(stem, stem)}.{leaf}"
+    if stem == "exp_probs_b":
+        return f"layers.{parts[1]}.ffn.router.balance_bias"
+    if stem.endswith("_exps"):
+        return f"layers.{parts[1]}.{GGUF_INVERSE[stem]}"  # stacked experts carry no ".weight"
+    return f"layers.{parts[1]}.{GGUF_INVERSE.get(stem, stem)}.{leaf}"
 
 
 def tokenizer_of(reader, path: Path):
