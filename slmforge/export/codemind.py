@@ -19,8 +19,11 @@ from pathlib import Path
 
 import torch
 
-from slmforge.export.hf import ExportError
+from slmforge.checkpoint import read_tensors
+from slmforge.export.folder import ExportError, refuse_existing
+from slmforge.export.hf_import import save_imported
 from slmforge.export.names import codemind_names
+from slmforge.tokenizer import byte_tokenizer, load_tokenizer
 
 # Their CodeMindConfig's defaults (config/model_config.py), used for any key a config file leaves out.
 DEFAULTS = {"max_seq_len": 1024, "vocab_size": 100352, "dim": 768, "n_layers": 16, "n_heads": 12,
@@ -159,10 +162,6 @@ def import_codemind(src: str | Path, out: str | Path, config: str | Path | None 
     """Write the checkpoint folder `out` from their `model.safetensors` (or a folder holding it), with their
     config values from `config` (JSON; their defaults otherwise) and `tokenizer` (a tokenizer.json or a
     folder; otherwise the byte tokenizer, and `warn` says so: their cl100k tokenizer is not a file)."""
-    from slmforge.checkpoint import read_tensors
-    from slmforge.export.hf_import import refuse_existing, save_imported
-    from slmforge.tokenizer import byte_tokenizer, load_tokenizer
-
     src, out = Path(src), Path(out)
     weights = src / "model.safetensors" if src.is_dir() else src
     if not weights.is_file():

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from slmforge.config import ModelConfig
-from slmforge.export.hf import ExportError
+from slmforge.export.folder import ExportError, gguf_package, refuse_existing
 from slmforge.export.names import (
     GGUF_LLAMA_LAYER,
     GGUF_LLAMA_TOP,
@@ -120,14 +120,6 @@ def _deepseek2_blockers(m: ModelConfig) -> list[str]:
     return reasons
 
 
-def _gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise ExportError("writing GGUF files needs the gguf package: pip install 'slmforge[gguf]'") from None
-    return gguf
-
-
 def _tokenizer(writer, tokenizer, vocab_size: int) -> None:
     """The tokenizer as llama.cpp's gpt2 model, padded with unused tokens to the embedding's `vocab_size`
     rows (llama.cpp sizes the vocabulary from the token list)."""
@@ -215,12 +207,11 @@ def _deepseek2_keys(writer, m: ModelConfig, gguf) -> None:
 def export_gguf(run: str | Path, out: str | Path, dtype: str = "f32", force: bool = False) -> Path:
     """Write the model of `run` to the GGUF file `out` (whole or not at all; an existing file is replaced
     only with `force`); returns `out`."""
-    gguf = _gguf()
+    gguf = gguf_package()
     out = Path(out)
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype}: GGUF export writes {', '.join(DTYPES)}")
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists: pass --force to replace it")
+    refuse_existing(out, force)
     loaded = load_model(run, device="cpu")
     m = loaded.config.model
     arch = gguf_arch(m)

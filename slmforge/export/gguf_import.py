@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slmforge.export.hf import ExportError
+from slmforge.export.folder import ExportError, gguf_package, refuse_existing
+from slmforge.export.hf_import import save_imported
 from slmforge.export.names import GGUF_LLAMA_LAYER, GGUF_LLAMA_TOP, GGUF_MLA_LAYER, GGUF_MOE_LAYER
 
 QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
@@ -26,17 +27,9 @@ CONTROL, UNUSED = 3, 5  # llama.cpp's token types of special (control) tokens an
 PRE_TOKENIZERS = {"gpt-2": [], "default": [], "smollm": ["digits"]}
 
 
-def _gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise ExportError("reading GGUF files needs the gguf package: pip install 'slmforge[gguf]'") from None
-    return gguf
-
-
 def open_gguf(path: Path):
     """A GGUFReader of `path`; an ExportError names a file that is missing, truncated or not GGUF."""
-    gguf = _gguf()
+    gguf = gguf_package()
     if not path.is_file():
         raise ExportError(f"{path}: no such file")
     try:
@@ -193,8 +186,6 @@ def tokenizer_of(reader, path: Path):
 
 def import_gguf(src: str | Path, out: str | Path, force: bool = False) -> Path:
     """Write the checkpoint folder `out` from the GGUF file `src`; returns `out`."""
-    from slmforge.export.hf_import import refuse_existing, save_imported
-
     src, out = Path(src), Path(out)
     refuse_existing(out, force)
     reader = open_gguf(src)

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from slmforge.config import ModelConfig
-from slmforge.export.folder import write_folder
+from slmforge.export.folder import ExportError, refuse_existing, write_folder
 from slmforge.export.names import gguf_unpermute, to_hf
 from slmforge.export.remote import remote_code_files
 from slmforge.infer.load import LoadedModel, load_model
@@ -27,10 +27,6 @@ from slmforge.infer.load import LoadedModel, load_model
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                  "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                  "deepseek_v3": "DeepseekV3ForCausalLM"}
-
-
-class ExportError(ValueError):
-    """A model that cannot be exported as asked, or an output that cannot be written; the message names why."""
 
 
 def _common_blockers(m: ModelConfig) -> list[str]:
@@ -190,8 +186,7 @@ def export_hf(run: str | Path, out: str | Path, force: bool = False, native: boo
     Returns (out, the model_type written). Written beside `out` under a temporary name and renamed into
     place: an existing `out` is replaced only with `force`, and only once the new folder is complete."""
     out = Path(out)
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists: pass --force to replace it")
+    refuse_existing(out, force)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder")
     loaded = load_model(run, device="cpu")

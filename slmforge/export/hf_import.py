@@ -16,7 +16,7 @@ import torch
 
 from slmforge.checkpoint import CheckpointError, load_weights, read_tensors, save_checkpoint
 from slmforge.config import ConfigError, check_vocab, from_dict
-from slmforge.export.hf import ExportError
+from slmforge.export.folder import ExportError, refuse_existing
 from slmforge.export.names import from_hf
 from slmforge.model import build_model
 from slmforge.tokenizer import Tokenizer, load_tokenizer
@@ -137,11 +137,6 @@ def import_hf(src: str | Path, out: str | Path, force: bool = False) -> Path:
     model = model_section(hf)
     tensors = from_hf(read_hf_weights(src), hf["model_type"])
     return save_imported(model, tensors, load_tokenizer(src), src, out)
-
-
-def refuse_existing(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists: pass --force to replace it")
 
 
 def save_imported(model: dict, tensors: dict[str, torch.Tensor], tokenizer: Tokenizer, src: Path, out: Path) -> Path:

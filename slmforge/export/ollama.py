@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slmforge.export.folder import write_folder
+from slmforge.export.folder import refuse_existing, write_folder
 from slmforge.export.gguf_export import export_gguf
-from slmforge.export.hf import ExportError
 from slmforge.infer.load import load_model
 
 CHATML = '''{{ if .System }}<|im_start|>system
@@ -37,8 +36,7 @@ def modelfile(tokenizer, context: int) -> str:
 def export_ollama(run: str | Path, out: str | Path, dtype: str = "f32", force: bool = False) -> Path:
     """Write the folder `out` (model.gguf and Modelfile), whole or not at all; returns `out`."""
     out = Path(out)
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists: pass --force to replace it")
+    refuse_existing(out, force)
     loaded = load_model(run, device="cpu")
 
     def fill(folder: Path) -> None:
