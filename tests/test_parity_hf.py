@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from slmforge.config import ModelConfig, validate_model
-from slmforge.export.names import from_hf, gguf_permute, gguf_unpermute, to_hf
+from slmforge.export.names import from_hf, gguf_permute, gguf_unpermute, relayout_qk, to_hf
 from slmforge.model import Transformer
 
 
@@ -106,16 +106,9 @@ def test_cached_decode_matches_llama_generate():
 
 
 def _half_to_pairs_state(model: Transformer, cfg: ModelConfig, permute) -> dict:
-    state = {}
-    for name, p in model.state_dict().items():
-        if name.endswith("attn.q_proj.weight"):
-            p = permute(p, cfg.n_heads)
-        elif name.endswith("attn.k_proj.weight"):
-            p = permute(p, cfg.n_kv_heads)
-        elif name.endswith(("attn.q_norm.weight", "attn.k_norm.weight")):  # per-channel weight of one head
-            p = permute(p, 1)
-        state[name] = p.clone()
-    return state
+    """The package's own relayout (the one the exporters apply), as the tests prove it."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return relayout_qk(state, cfg.n_heads, cfg.n_kv_heads, permute)
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])

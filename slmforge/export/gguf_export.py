@@ -22,14 +22,7 @@ import torch
 
 from slmforge.config import ModelConfig
 from slmforge.export.folder import ExportError, gguf_package, refuse_existing
-from slmforge.export.names import (
-    GGUF_LLAMA_LAYER,
-    GGUF_LLAMA_TOP,
-    GGUF_MLA_LAYER,
-    GGUF_MOE_LAYER,
-    gguf_permute,
-    gguf_unpermute,
-)
+from slmforge.export.names import GGUF_LAYER, GGUF_TOP, gguf_permute, gguf_unpermute, relayout_qk
 from slmforge.infer.load import load_model
 
 DTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
@@ -147,11 +140,12 @@ def _tokenizer(writer, tokenizer, vocab_size: int) -> None:
 def _tensors(state: dict[str, torch.Tensor], m: ModelConfig, arch: str) -> dict[str, np.ndarray]:
     """GGUF names -> float32 arrays. llama and deepseek2 rotate adjacent pairs, the qwen architectures
     rotate halves (NEOX): q/k rows (and QK-norm gains) are reordered where slmforge's layout differs."""
-    inverse_top = {v: k for k, v in GGUF_LLAMA_TOP.items()}
-    inverse_layer = {**{v: k for k, v in GGUF_LLAMA_LAYER.items()}, **GGUF_MOE_LAYER, **GGUF_MLA_LAYER}
+    inverse_top = {v: k for k, v in GGUF_TOP.items()}
+    inverse_layer = {v: k for k, v in GGUF_LAYER.items()}
     reorder = gguf_permute if arch == "llama" and m.rope_layout == "half" else (
         gguf_unpermute if arch in ("qwen2moe", "qwen3moe") and m.rope_layout == "pairs" else None)
-    heads = {"attn.q_proj": m.n_heads, "attn.k_proj": m.n_kv_heads, "attn.q_norm": 1, "attn.k_norm": 1}
+    if reorder is not None:
+        state = relayout_qk(state, m.n_heads, m.n_kv_heads, reorder)
     out = {}
     for name, tensor in state.items():
         if name.endswith("balance_bias") and arch != "deepseek2":
@@ -161,8 +155,6 @@ def _tensors(state: dict[str, torch.Tensor], m: ModelConfig, arch: str) -> dict[
             continue
         _, index, rest = name.split(".", 2)
         stem, leaf = (rest, "weight") if rest.startswith("ffn.experts.") else rest.rsplit(".", 1)
-        if reorder is not None and stem in heads:
-            tensor = reorder(tensor, heads[stem])
         if stem == "ffn.shared_gate":
             tensor = tensor.reshape(-1)  # llama.cpp keeps the shared expert's gate as one vector
         if stem == "attn.kv_b_proj":  # per head [k_nope; v] x latent -> k_b [H, latent, nope], v_b [H, v, latent]

@@ -18,10 +18,9 @@ import torch
 
 from slmforge.export.folder import ExportError, gguf_package, refuse_existing
 from slmforge.export.hf_import import save_imported
-from slmforge.export.names import GGUF_LLAMA_LAYER, GGUF_LLAMA_TOP, GGUF_MLA_LAYER, GGUF_MOE_LAYER
+from slmforge.export.names import GGUF_LAYER, GGUF_TOP
 
 QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
-GGUF_INVERSE = {**GGUF_LLAMA_LAYER, **{v: k for k, v in {**GGUF_MOE_LAYER, **GGUF_MLA_LAYER}.items()}}
 CONTROL, UNUSED = 3, 5  # llama.cpp's token types of special (control) tokens and of padding rows
 # llama.cpp's pre-tokenizer names whose splitting the tokenizers library reproduces: steps before ByteLevel
 PRE_TOKENIZERS = {"gpt-2": [], "default": [], "smollm": ["digits"]}
@@ -137,8 +136,8 @@ def read_tensors(reader, path: Path) -> dict[str, torch.Tensor]:
 
 
 def _our_name(name: str) -> str:
-    if name in GGUF_LLAMA_TOP:
-        return GGUF_LLAMA_TOP[name]
+    if name in GGUF_TOP:
+        return GGUF_TOP[name]
     parts = name.split(".", 2)
     if parts[0] != "blk" or len(parts) < 3:
         return name  # unknown: the strict load names it
@@ -146,8 +145,8 @@ def _our_name(name: str) -> str:
     if stem == "exp_probs_b":
         return f"layers.{parts[1]}.ffn.router.balance_bias"
     if stem.endswith("_exps"):
-        return f"layers.{parts[1]}.{GGUF_INVERSE[stem]}"  # stacked experts carry no ".weight"
-    return f"layers.{parts[1]}.{GGUF_INVERSE.get(stem, stem)}.{leaf}"
+        return f"layers.{parts[1]}.{GGUF_LAYER[stem]}"  # stacked experts carry no ".weight"
+    return f"layers.{parts[1]}.{GGUF_LAYER.get(stem, stem)}.{leaf}"
 
 
 def tokenizer_of(reader, path: Path):

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from slmforge.config import ModelConfig
 from slmforge.export.folder import ExportError, refuse_existing, write_folder
-from slmforge.export.names import gguf_unpermute, to_hf
+from slmforge.export.names import gguf_unpermute, relayout_qk, to_hf
 from slmforge.export.remote import remote_code_files
 from slmforge.infer.load import LoadedModel, load_model
 
@@ -173,10 +173,7 @@ def hf_tensors(loaded: LoadedModel, family: str) -> dict[str, torch.Tensor]:
     reordered to the rotate-half layout the GQA classes use (an exact permutation)."""
     m, state = loaded.config.model, loaded.model.state_dict()
     if m.attention == "gqa" and m.rope_layout == "pairs":
-        heads = {"q_proj.weight": m.n_heads, "k_proj.weight": m.n_kv_heads, "q_proj.bias": m.n_heads,
-                 "k_proj.bias": m.n_kv_heads, "q_norm.weight": 1, "k_norm.weight": 1}
-        state = {k: gguf_unpermute(v, heads[k.split("attn.")[1]]) if "attn." in k and k.split("attn.")[1] in heads
-                 else v for k, v in state.items()}
+        state = relayout_qk(state, m.n_heads, m.n_kv_heads, gguf_unpermute)
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in to_hf(state, family).items()}
 
 

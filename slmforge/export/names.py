@@ -36,28 +36,29 @@ HF_FAMILY = {
                     ("self_attn.kv_a_norm.", "self_attn.kv_a_layernorm."),
                     ("self_attn.kv_a_proj.", "self_attn.kv_a_proj_with_mqa.")),
 }
-# Ours only, per family: (suffix inside a layer, what the other side assumes it is).
-HF_OURS_ONLY = {family: (("ffn.router.balance_bias", "zero"),) for family in ("qwen2_moe", "qwen3_moe")}
+# Ours only, per family: weights the family has no place for (exported only when zero, imported as zero).
+HF_OURS_ONLY = {family: ("ffn.router.balance_bias",) for family in ("qwen2_moe", "qwen3_moe")}
 STACKED = ("gate_proj", "up_proj", "down_proj")  # ours: experts.<p> [E, out, in]; theirs: experts.<e>.<p>.weight
 PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
-# llama.cpp's llama architecture (GGUF): whole names, and a block's module names (blk.N.<name>.weight)
-GGUF_LLAMA_TOP = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight",
-                  "output.weight": "lm_head.weight"}
-GGUF_LLAMA_LAYER = {"attn_norm": "attn_norm", "attn_q": "attn.q_proj", "attn_k": "attn.k_proj",
-                    "attn_v": "attn.v_proj", "attn_output": "attn.o_proj", "ffn_norm": "ffn_norm",
-                    "ffn_gate": "ffn.gate_proj", "ffn_up": "ffn.up_proj", "ffn_down": "ffn.down_proj"}
-
-# ... and the parts llama.cpp's qwen2moe / qwen3moe architectures add (experts stacked as [E, out, in])
-GGUF_MOE_LAYER = {"attn.q_norm": "attn_q_norm", "attn.k_norm": "attn_k_norm", "ffn.router": "ffn_gate_inp",
-                  "ffn.experts.gate_proj": "ffn_gate_exps", "ffn.experts.up_proj": "ffn_up_exps",
-                  "ffn.experts.down_proj": "ffn_down_exps", "ffn.shared_expert.gate_proj": "ffn_gate_shexp",
-                  "ffn.shared_expert.up_proj": "ffn_up_shexp", "ffn.shared_expert.down_proj": "ffn_down_shexp",
-                  "ffn.shared_gate": "ffn_gate_inp_shexp"}
-
-# ... and llama.cpp's deepseek2 (MLA); its kv_b_proj is split into attn_k_b / attn_v_b by the writer
-GGUF_MLA_LAYER = {"attn.q_a_proj": "attn_q_a", "attn.q_a_norm": "attn_q_a_norm", "attn.q_b_proj": "attn_q_b",
-                  "attn.q_proj": "attn_q", "attn.kv_a_proj": "attn_kv_a_mqa", "attn.kv_a_norm": "attn_kv_a_norm"}
+# llama.cpp's names (GGUF) -> ours: whole names, and a block's module names (blk.N.<name>.weight / .bias)
+GGUF_TOP = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight",
+            "output.weight": "lm_head.weight"}
+GGUF_LAYER = {
+    # llama
+    "attn_norm": "attn_norm", "attn_q": "attn.q_proj", "attn_k": "attn.k_proj", "attn_v": "attn.v_proj",
+    "attn_output": "attn.o_proj", "ffn_norm": "ffn_norm", "ffn_gate": "ffn.gate_proj", "ffn_up": "ffn.up_proj",
+    "ffn_down": "ffn.down_proj",
+    # qwen2moe / qwen3moe (experts stacked as [E, out, in], as ours are)
+    "attn_q_norm": "attn.q_norm", "attn_k_norm": "attn.k_norm", "ffn_gate_inp": "ffn.router",
+    "ffn_gate_exps": "ffn.experts.gate_proj", "ffn_up_exps": "ffn.experts.up_proj",
+    "ffn_down_exps": "ffn.experts.down_proj", "ffn_gate_shexp": "ffn.shared_expert.gate_proj",
+    "ffn_up_shexp": "ffn.shared_expert.up_proj", "ffn_down_shexp": "ffn.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "ffn.shared_gate",
+    # deepseek2 (MLA; kv_b_proj is split into attn_k_b / attn_v_b by the writer, joined by the reader)
+    "attn_q_a": "attn.q_a_proj", "attn_q_a_norm": "attn.q_a_norm", "attn_q_b": "attn.q_b_proj",
+    "attn_kv_a_mqa": "attn.kv_a_proj", "attn_kv_a_norm": "attn.kv_a_norm",
+}
 
 # CodeMind's released checkpoints (attn_res_operators.*) for model.residual=attnres_codemind.
 CODEMIND_RESIDUAL = ("attn_res_operators.{i}.pseudo_query", "residual.queries.{i}")
@@ -84,7 +85,7 @@ def hf_name(name: str, family: str) -> str:
 
 
 def _ours_only(name: str, family: str) -> bool:
-    return any(name.endswith(suffix) for suffix, _ in HF_OURS_ONLY.get(family, ()))
+    return name.endswith(HF_OURS_ONLY.get(family, ()))
 
 
 def to_hf(state: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
@@ -137,6 +138,17 @@ def _our_name(name: str, family: str) -> str | None:
         if rest.startswith(theirs):
             rest = ours + rest.removeprefix(theirs)
     return f"layers.{index}.{rest}"
+
+
+def relayout_qk(state: dict[str, torch.Tensor], n_heads: int, n_kv_heads: int, reorder) -> dict[str, torch.Tensor]:
+    """`state` with the rows RoPE rotates put through `reorder` head by head (gguf_permute: rotate-half ->
+    adjacent pairs; gguf_unpermute: back): the q/k projections and their biases, and the QK-norm gains."""
+    heads = {"attn.q_proj": n_heads, "attn.k_proj": n_kv_heads, "attn.q_norm": 1, "attn.k_norm": 1}
+    out = {}
+    for name, tensor in state.items():
+        module = name.rsplit(".", 1)[0].split(".", 2)[-1] if name.startswith("layers.") else None
+        out[name] = reorder(tensor, heads[module]) if module in heads else tensor
+    return out
 
 
 def gguf_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
