@@ -149,6 +149,8 @@ def test_import_a_model_made_by_transformers(tmp_path):
     (lambda cfg, folder: cfg.update(vocab_size=200), "model.vocab_size=200 is smaller than the tokenizer"),
     (lambda cfg, folder: (folder / "model.safetensors").rename(folder / "pytorch_model.bin"), "pickles"),
     (lambda cfg, folder: cfg.update(intermediate_size=80), "shape mismatches"),
+    (lambda cfg, folder: save_file({**load_file(folder / "model.safetensors"), "lm_head.weight": torch.zeros(288, 64)},
+                                   folder / "model.safetensors"), "lm_head.weight differs"),
 ])
 def test_import_refusals(change, message, tmp_path, capsys):
     source = random_checkpoint(tmp_path, FORMS["llama"])

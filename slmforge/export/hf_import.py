@@ -148,8 +148,11 @@ def save_imported(model: dict, tensors: dict[str, torch.Tensor], tokenizer: Toke
         raise ExportError(f"{src} translates to an invalid slmforge config: {e}") from None
     check_vocab(cfg.model, tokenizer.vocab_size, f"the tokenizer of {src}")
     net = build_model(cfg.model)
-    if cfg.model.tie_embeddings:
-        tensors.pop("lm_head.weight", None)  # a tied head is the embedding; some checkpoints store both
+    head, embedding = tensors.get("lm_head.weight"), tensors.get("embed.weight")
+    if cfg.model.tie_embeddings and head is not None:  # a tied head is the embedding; some checkpoints store both
+        if embedding is None or not torch.equal(head, embedding):
+            raise ExportError(f"{src}: the config ties the head to the embedding, but lm_head.weight differs from it")
+        del tensors["lm_head.weight"]
     for name, value in net.state_dict().items():  # what the format has no place for (Qwen-MoE routing bias)
         if name.endswith("balance_bias"):
             tensors.setdefault(name, torch.zeros_like(value))
