@@ -46,14 +46,18 @@ def micro_step_flops(cfg: RunConfig) -> float:
 
 def with_init_model(cfg: RunConfig) -> RunConfig:
     """With train.init set, the run's model is the init checkpoint's (validated again with the run's data
-    settings); without it, `cfg` as it is."""
+    settings), and train.init names that checkpoint folder itself, verified here once (a run folder resolves
+    to its newest intact checkpoint); without it, `cfg` as it is."""
     if not cfg.train.init:
         return cfg
     try:
-        model = dataclasses.asdict(read_config(find_checkpoint(cfg.train.init, warn=log)).model)
+        checkpoint = find_checkpoint(cfg.train.init, warn=log)
+        model = dataclasses.asdict(read_config(checkpoint).model)
     except CheckpointError as e:
         raise ConfigError(f"train.init={cfg.train.init}: {e}") from None
+    raw = cfg.to_dict()
+    raw["train"]["init"] = str(checkpoint)
     try:
-        return from_dict({**cfg.to_dict(), "model": model})
+        return from_dict({**raw, "model": model})
     except ConfigError as e:
         raise ConfigError(f"train.init={cfg.train.init}: the run's settings do not fit its model: {e}") from None

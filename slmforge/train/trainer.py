@@ -322,10 +322,10 @@ class Trainer:
         elif resume:
             self.log(f"--resume: no checkpoint in {self.out}, starting from scratch")
             self.metrics.resume(lambda line: False)
-        if checkpoint is None and self.cfg.train.init:
-            init = find_checkpoint(self.cfg.train.init, warn=self.log)
-            load_weights(self.model, read_tensors(init / "model.safetensors"), str(init / "model.safetensors"))
-            self.log(f"weights from {init} (train.init)")
+        if checkpoint is None and self.cfg.train.init:  # a checkpoint folder with_init_model verified
+            weights = Path(self.cfg.train.init) / "model.safetensors"
+            load_weights(self.model, read_tensors(weights), str(weights))
+            self.log(f"weights from {self.cfg.train.init} (train.init)")
         if self.progress.phase_index == len(self.phases):
             return self.finished_report(checkpoint, start)
         n_params = sum(p.numel() for p in self.model.parameters())
