@@ -167,7 +167,7 @@ class MLAttention(nn.Module):
         scores.add_(torch.matmul(q_rot, k_rope.mT)).view(B, H, T, S).add_(mask)
         # Padding queries see no key: their all -inf rows give NaN, zeroed like SDPA does.
         weights = torch.softmax(scores, dim=-1, dtype=torch.float32).nan_to_num_(0.0).to(c_kv.dtype)
-        y = torch.matmul(torch.matmul(weights, c_kv).view(B, G, -1, r), w_uv.mT).view(B, H, T, -1)
-        if self.kv_b_proj.bias is not None:
-            y = y + self.kv_b_proj.bias.view(G, 1, -1)[:, :, dn:].repeat_interleave(H // G, dim=0)
-        return y
+        y = torch.matmul(torch.matmul(weights, c_kv).view(B, G, -1, r), w_uv.mT)  # [B, G, (H/G)·T, v_dim]
+        if self.kv_b_proj.bias is not None:  # each group's value bias, broadcast over its heads (no copy)
+            y = y + self.kv_b_proj.bias.view(G, 1, -1)[:, :, dn:]
+        return y.view(B, H, T, -1)
