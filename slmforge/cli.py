@@ -225,13 +225,12 @@ def cmd_export(args) -> None:
 
 
 def cmd_import(args) -> None:
-    if args.source_format == "hf" and str(args.src).endswith(".gguf"):
-        args.source_format = "gguf"
-    if args.source_format == "gguf":
+    source_format = args.source_format or ("gguf" if str(args.src).endswith(".gguf") else "hf")
+    if source_format == "gguf":
         from slmforge.export.gguf_import import import_gguf
 
         out = import_gguf(args.src, args.out, force=args.force)
-    elif args.source_format == "codemind":
+    elif source_format == "codemind":
         from slmforge.export.codemind import import_codemind
 
         out = import_codemind(args.src, args.out, config=args.codemind_config, tokenizer=args.tokenizer,
@@ -338,13 +337,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "no native class computes is exported as remote code")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("import", help="turn a Hugging Face model folder into an slmforge checkpoint folder")
+    p = sub.add_parser("import", help="turn a Hugging Face folder, a GGUF file or CodeMind weights into an slmforge "
+                       "checkpoint folder")
     p.add_argument("src", help="a Hugging Face folder (config.json, model.safetensors or shards, tokenizer.json: "
-                   "Llama, Qwen3, Qwen2-MoE, Qwen3-MoE or DeepseekV3), or with --from codemind their weights")
+                   "Llama, Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE or DeepseekV3), a GGUF file (llama, qwen2moe, "
+                   "qwen3moe, deepseek2), or with --from codemind their weights")
     p.add_argument("out", help="the checkpoint folder to write")
-    p.add_argument("--from", dest="source_format", choices=["hf", "gguf", "codemind"], default="hf",
-                   help="hf: a Hugging Face folder (a .gguf file is read as gguf); gguf: a llama.cpp file; "
-                   "codemind: a CodeMind model.safetensors (or its step folder)")
+    p.add_argument("--from", dest="source_format", choices=["hf", "gguf", "codemind"],
+                   help="hf: a Hugging Face folder; gguf: a llama.cpp file; codemind: a CodeMind model.safetensors "
+                   "(or its step folder). Default: gguf for a .gguf file, else hf")
     p.add_argument("--codemind-config", metavar="JSON", help="with --from codemind: their CodeMindConfig values "
                    "(fields left out take their defaults)")
     p.add_argument("--tokenizer", help="with --from codemind: a tokenizer.json (or folder) for the checkpoint")

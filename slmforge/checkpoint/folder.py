@@ -213,15 +213,13 @@ def find_checkpoint(path: str | Path, trainer_state: bool = False, warn: Callabl
     candidates = list_checkpoints(path)[::-1] or checkpoints_newest_first(path)
     if not candidates:
         raise CheckpointError(f"{path}: no checkpoint in it (expected step_N folders holding model.safetensors)")
-    damaged = []
     for checkpoint in candidates:
         try:
             verify_checkpoint(checkpoint, trainer_state)
         except CheckpointError as e:
-            damaged.append(checkpoint)
             warn(f"checkpoint {checkpoint} is unusable: {e}")
             continue
-        if damaged:
+        if checkpoint != candidates[0]:
             warn(f"using {checkpoint}, the newest intact checkpoint")
         return checkpoint
     raise CheckpointError(f"{path}: none of its {len(candidates)} checkpoints is intact (see the messages above)")

@@ -1,14 +1,15 @@
 """`slmforge export RUN --to gguf OUT.gguf [--dtype f32|f16|bf16|q8_0]`: a GGUF file llama.cpp decodes like
 slmforge, written with the `gguf` package (llama.cpp's converter script rejects newly trained tokenizers).
 
-The writer covers llama.cpp's `llama` architecture (dense, global attention) and its `qwen2moe` and
-`qwen3moe` architectures (softmax-routed experts in every layer; qwen2moe with a gated shared expert,
-qwen3moe with QK-norm and renormalised weights).
-Whatever llama.cpp would compute differently is refused with one line per field, never approximated. The
-q/k rows of a rotate-half ("half") model are permuted into the adjacent-pairs order llama.cpp rotates
-(`names.gguf_permute`); a "pairs" model is already in that order. The tokenizer goes in as llama.cpp's
-"gpt2" model: tokens spelled in GPT-2's byte alphabet, merges, control tokens, the GPT-2 pre-tokenizer, the
-chat template; the 258-token byte tokenizer gets one unreachable merge (llama.cpp requires at least one).
+The writer covers llama.cpp's `llama` architecture (dense, global attention), its `qwen2moe` and `qwen3moe`
+architectures (softmax-routed experts in every layer; qwen2moe with a gated shared expert, qwen3moe with
+QK-norm and renormalised weights) and `deepseek2` (MLA in DeepSeek's form with split latent up-projections,
+softmax or sigmoid routing with the balancing bias, whole shared experts, leading dense layers). Whatever
+llama.cpp would compute differently is refused with one line per field, never approximated. q/k rows are
+reordered where the architecture rotates other channel pairs than the model's `rope_layout` (llama and
+deepseek2: adjacent pairs; the qwen architectures: halves). The tokenizer goes in as llama.cpp's "gpt2" model:
+tokens spelled in GPT-2's byte alphabet, merges, control tokens, the GPT-2 pre-tokenizer, the chat template;
+the 258-token byte tokenizer gets one unreachable merge (llama.cpp requires at least one).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ NORMAL, CONTROL, UNUSED = 1, 3, 5  # llama.cpp's token types
 
 
 def gguf_arch(m: ModelConfig) -> str:
-    """The llama.cpp architecture a model is written as: llama (dense), qwen2moe or qwen3moe (experts)."""
+    """The llama.cpp architecture a model is written as: llama (dense), qwen2moe or qwen3moe (experts),
+    deepseek2 (MLA)."""
     if m.attention == "mla":
         return "deepseek2"
     if m.ffn == "moe":

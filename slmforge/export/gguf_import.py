@@ -1,12 +1,12 @@
 """`slmforge import FILE.gguf OUT`: a GGUF model (llama.cpp's format) as an slmforge checkpoint folder.
 
 The architectures slmforge writes are read: llama (SmolLM, Llama and Mistral-style dense models), qwen2moe,
-qwen3moe and deepseek2 (in its MLA form), with tensors in f32, f16, bf16, q8_0, q4_0 or q4_1, dequantised
-to fp32 with the `gguf` package. Each architecture's RoPE order is kept as slmforge's `rope_layout`
-(pairs for llama and deepseek2, half for the qwen architectures): the weights come in unpermuted. The tokenizer is rebuilt from the file (a GPT-2-style byte-level BPE: tokens, merges, control
-tokens, the pre-tokenizer llama.cpp names, the chat template). What slmforge cannot compute exactly
-(another architecture, RoPE over part of a head, another RoPE scaling, another tokenizer model) is refused
-by name.
+qwen3moe and deepseek2 (in its MLA form), with tensors in f32, f16, bf16, q8_0, q4_0 or q4_1, dequantised to
+fp32 with the `gguf` package. Each architecture's RoPE order is kept as slmforge's `rope_layout` (pairs for
+llama and deepseek2, half for the qwen architectures): the weights come in unpermuted. The tokenizer is
+rebuilt from the file (a GPT-2-style byte-level BPE: tokens, merges, control tokens, the pre-tokenizer
+llama.cpp names, the chat template). What slmforge cannot compute exactly (another architecture, RoPE over
+part of a head, another RoPE scaling, another tokenizer model) is refused by name.
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ def _deepseek2(key, heads: int) -> dict:
                     "v_head_dim": key("attention.value_length_mla"), "latent_norm": True, "rope_mode": "decoupled"},
             "moe": {"n_experts": key("expert_count"), "top_k": key("expert_used_count"), "expert_d_ff": expert,
                     "shared_d_ff": key("expert_shared_count") * expert, "shared_gate": False,
-                    "score": "sigmoid" if gating == 2 else "softmax", "norm_topk": bool(key("expert_weights_norm", False)),
+                    "score": "sigmoid" if gating == 2 else "softmax",
+                    "norm_topk": bool(key("expert_weights_norm", False)),
                     "route_scale": key("expert_weights_scale", 1.0), "bias_update_rate": 0.0,
                     "first_dense_layers": key("leading_dense_block_count", 0)}}
 
@@ -165,7 +166,7 @@ def tokenizer_of(reader, path: Path):
                           f"with the pre-tokenizers {', '.join(PRE_TOKENIZERS)}")
     tokens = _field(reader, "tokenizer.ggml.tokens")
     types = _field(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
-    vocab = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind != UNUSED}  # padding rows: no text
+    vocab = {t: i for i, (t, token_type) in enumerate(zip(tokens, types)) if token_type != UNUSED}  # padding: no text
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
     # a merge whose result is no token can never apply (a byte vocabulary carries one: GGUF needs a merge)
     merges = [m for m in merges if len(m) == 2 and m[0] + m[1] in vocab]
@@ -174,7 +175,7 @@ def tokenizer_of(reader, path: Path):
     hf.pre_tokenizer = pre_tokenizers.Sequence([*steps, pre_tokenizers.ByteLevel(add_prefix_space=False)])
     hf.decoder = decoders.ByteLevel()
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                           for t, kind in zip(tokens, types) if kind == CONTROL])
+                           for t, token_type in zip(tokens, types) if token_type == CONTROL])
     bos = tokens[_field(reader, "tokenizer.ggml.bos_token_id")]
     eos = tokens[_field(reader, "tokenizer.ggml.eos_token_id")]
     pad_id = _field(reader, "tokenizer.ggml.padding_token_id", -1)
