@@ -1,7 +1,7 @@
 """Greedy decoding and prefill of slmforge against llama.cpp (llama-cpp-python) on the same exported model,
 side by side in one run on one machine: the decode anchor of the README.
 
-  python benchmarks/bench_gguf.py            # shard-40m's shape and the quickstart's, ~5 min on 2 cores
+  python benchmarks/bench_gguf.py            # shard-40m's shape and the quickstart's, ~25 s on 2 cores
   python benchmarks/bench_gguf.py --quick    # the quickstart's shape only, fewer tokens
 
 Each shape is built with random weights (std 0.02, as initialised) in llama.cpp's llama form: shard-40m

@@ -1,7 +1,7 @@
 """Training tokens/s at 1 and 2 CPU threads, on a quiet machine and beside other work, for the quickstart and
 the recipes' models: the measurement behind `train.threads: 0` (slmforge.hardware.choose_threads).
 
-  python benchmarks/bench_threads.py            # every shape, ~25 min on 2 cores
+  python benchmarks/bench_threads.py            # every shape (each trained 8 times: the slowest benchmark)
   python benchmarks/bench_threads.py --quick    # tiny and quickstart only, fewer steps
 
 Each cell is one `slmforge.train.train` of a few steps in a fresh process (`train.threads` set, fp32, no
