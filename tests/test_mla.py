@@ -2,10 +2,13 @@
 cache holds only the latents, sliding windows and left padding behave as in GQA, and the Axion1 layer has
 the card's parameter count."""
 
+import copy
+
 import pytest
 import torch
 
 from slmforge.config import MLAConfig, ModelConfig, validate_model
+from slmforge.infer.kernels import prepare_for_decoding
 from slmforge.model.cache import KVCache
 from slmforge.model.mla import MLAttention
 from slmforge.model.rope import RotaryEmbedding
@@ -51,7 +54,7 @@ def full(attn, rot, x):
     return attn(x, rot.full_tables(None, x.shape[1]), masks={})
 
 
-def decode(attn, rot, x, chunks, window=None, gen_splits=None, positions=None):
+def decode(attn, rot, x, chunks, window=None, positions=None):
     """Outputs for x [B, T, d] through a cache, fed in pieces of the sizes in `chunks`; `positions` of the
     first piece may be given (padding)."""
     cache = KVCache([(window, attn.cache_shapes())], x.shape[0], x.shape[1], rollback_margin=MARGIN)
@@ -59,8 +62,7 @@ def decode(attn, rot, x, chunks, window=None, gen_splits=None, positions=None):
     for i, n in enumerate(chunks):
         pos = positions if i == 0 and positions is not None else cache.next_positions(n)
         cache.begin(pos)
-        outs.append(attn(x[:, start:start + n], rot.full_tables(pos, n), kv=cache.layers[0], masks={},
-                         gen_splits=gen_splits))
+        outs.append(attn(x[:, start:start + n], rot.full_tables(pos, n), kv=cache.layers[0], masks={}))
         start += n
     assert start == x.shape[1]
     return torch.cat(outs, dim=1), cache
@@ -76,9 +78,10 @@ def test_cached_decoding_matches_full_forward(variant):
     x = inputs()
     reference = full(attn, rot, x)
     for name, chunks in SCHEDULES.items():
-        for gen_splits in (None, 2):  # 2: generation's fused input projection and split matmuls
-            cached, _ = decode(attn, rot, x, chunks, gen_splits=gen_splits)
-            torch.testing.assert_close(cached, reference, atol=1e-4, rtol=0, msg=f"{name} gen_splits={gen_splits}")
+        for decoding in (False, True):  # True: the fused input projection and split matmuls of decoding
+            module = prepare_for_decoding(copy.deepcopy(attn)) if decoding else attn
+            cached, _ = decode(module, rot, x, chunks)
+            torch.testing.assert_close(cached, reference, atol=1e-4, rtol=0, msg=f"{name} decoding={decoding}")
 
 
 @pytest.mark.parametrize("variant", DECOUPLED)

@@ -3,7 +3,7 @@ and attention-logit soft-cap.
 
 Speed notes (numbers in benchmarks/README.md): q, k and v come from one matmul against the three
 weights concatenated at call time (the parameters stay separate, so names and optimizers see q_proj,
-k_proj, v_proj; generation keeps the concatenation until the weights change); RoPE runs on the
+k_proj, v_proj; for decoding `slmforge.infer.kernels` sets `qkv_proj` to a fused copy); RoPE runs on the
 [B, T, H, d] projections; masks are built once per forward and attention kind, not once per layer.
 """
 
@@ -15,7 +15,6 @@ from torch import nn
 
 from slmforge.config import ModelConfig
 from slmforge.model.cache import LayerKV
-from slmforge.model.ffn import FusedCopy, decode_linear
 from slmforge.model.norm import RMSNorm
 from slmforge.model.rope import rope
 
@@ -77,7 +76,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.generation_weights = FusedCopy()
+        self.qkv_proj: nn.Module | None = None  # [q; k; v] fused for decoding (slmforge.infer.kernels)
 
     def cache_shapes(self) -> list[tuple[int, int]]:
         """What the KV cache keeps per token: keys and values, [n_kv_heads, head_dim] each."""
@@ -92,18 +91,15 @@ class Attention(nn.Module):
         return weight, bias
 
     def forward(self, x: torch.Tensor, rope_tables: tuple[torch.Tensor, torch.Tensor],
-                kv: LayerKV | None = None, masks: dict | None = None, gen_splits: int | None = None) -> torch.Tensor:
+                kv: LayerKV | None = None, masks: dict | None = None) -> torch.Tensor:
         """x [B, T, d_model]; rope_tables from `RotaryEmbedding.full_tables`; `masks` is shared by the layers
-        of one forward (a memo); `gen_splits` is None except in generation (see SwiGLU.forward)."""
+        of one forward (a memo)."""
         B, T, _ = x.shape
         H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        if gen_splits is None:
-            qkv = F.linear(x, *self.fused_qkv())
-        else:
-            params = [p for m in (self.q_proj, self.k_proj, self.v_proj) for p in (m.weight, m.bias) if p is not None]
-            qkv = decode_linear(x, *self.generation_weights.get(params, self.fused_qkv), gen_splits)
+        decoding = self.qkv_proj is not None
+        qkv = self.qkv_proj(x) if decoding else F.linear(x, *self.fused_qkv())
         qkv = qkv.view(B, T, H + 2 * H_kv, D)
-        if self.q_norm is None and gen_splits is not None:  # one rotation for q and k: fewer small ops
+        if self.q_norm is None and decoding:  # one rotation for q and k: fewer small ops per token
             q, k = rope(qkv[:, :, :H + H_kv], *rope_tables, self.rope_layout).split((H, H_kv), dim=2)
             v = qkv[:, :, H + H_kv:]
         else:
@@ -121,10 +117,7 @@ class Attention(nn.Module):
             mask = window_mask(masks, T, self.window, x.device)
             causal = mask is None
         y = self._attend(q, k, v, mask, causal)
-        y = y.transpose(1, 2).reshape(B, T, H * D)
-        if gen_splits is None:
-            return self.o_proj(y)
-        return decode_linear(y, self.o_proj.weight, self.o_proj.bias, gen_splits)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
     def _attend(self, q, k, v, mask, causal):
         if self.softcap is None:

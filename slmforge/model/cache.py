@@ -5,6 +5,10 @@ together, k > 1 tokens can be appended at once (prefill, speculative verificatio
 rolled back. Every stored entry carries its absolute position (-1 = empty), and the attention mask is
 built from positions, so padding and rollback need no special casing in the model.
 
+`slots(start, stop)` is a view of a contiguous range of slots that a forward can run on alone (what a
+continuous-batching engine does with the slots that prefill or decode), and `reset` empties slots for new
+sequences.
+
 A global layer stores entry p at slot p. A sliding-window layer keeps a ring of W + margin slots
 (entry p at slot p mod capacity): the margin lets the last `margin` tokens be rolled back and a chunk of
 up to margin + 1 tokens be written before it is attended to.
@@ -65,6 +69,14 @@ class LayerKV:
     def truncate(self, lengths: torch.Tensor) -> None:
         self.pos.masked_fill_(self.pos >= lengths[:, None], -1)
 
+    def view(self, cache: "KVCache", start: int, stop: int) -> "LayerKV":
+        """The same entries of sequences start..stop-1, for a view of the cache."""
+        view = LayerKV.__new__(LayerKV)
+        view.cache, view.capacity, view.window = cache, self.capacity, self.window
+        view.stores = [s[start:stop] for s in self.stores]
+        view.pos = self.pos[start:stop]
+        return view
+
 
 class KVCache:
     """Cache for a model's attention layers. `layers[i]` is (window or None, store shapes) of layer i: each
@@ -93,7 +105,7 @@ class KVCache:
         if len_after > self.max_len:
             raise ValueError(f"cache is full: {len_after} positions requested, capacity {self.max_len}")
         self.step = CacheStep(positions, int(self.lengths.max()), len_after)
-        self.lengths = new_lengths
+        self.lengths.copy_(new_lengths)
 
     def truncate(self, lengths: torch.Tensor | list[int]) -> None:
         """Roll sequences back to `lengths` (0 frees a slot for a new sequence)."""
@@ -105,7 +117,23 @@ class KVCache:
             raise ValueError(f"cannot roll back {dropped} tokens: sliding-window rings keep {self.rollback_margin}")
         for layer in self.layers:
             layer.truncate(lengths)
-        self.lengths = lengths.clone()
+        self.lengths.copy_(lengths)
+
+    def reset(self, slots: int | list[int]) -> None:
+        """Empty the given slots (sequence indices) for new sequences."""
+        lengths = self.lengths.clone()
+        lengths[slots] = 0
+        self.truncate(lengths)
+
+    def slots(self, start: int, stop: int) -> "KVCache":
+        """A view of sequences start..stop-1 (shared memory): a forward on it reads and writes only them."""
+        if not 0 <= start < stop <= self.batch_size:
+            raise ValueError(f"slots {start}..{stop - 1} are not within the cache's {self.batch_size}")
+        view = KVCache.__new__(KVCache)
+        view.batch_size, view.max_len, view.rollback_margin = stop - start, self.max_len, self.rollback_margin
+        view.lengths, view.step = self.lengths[start:stop], None
+        view.layers = [layer.view(view, start, stop) for layer in self.layers]
+        return view
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.stores)

@@ -32,7 +32,6 @@ from torch import nn
 from slmforge.config import ModelConfig
 from slmforge.model.attention import cache_mask, window_mask
 from slmforge.model.cache import LayerKV
-from slmforge.model.ffn import FusedCopy, decode_linear
 from slmforge.model.norm import RMSNorm
 from slmforge.model.rope import RotaryEmbedding, rope
 
@@ -65,7 +64,7 @@ class MLAttention(nn.Module):
         # positions) do not cover: a private copy of the tables (buffers only, not saved).
         self.key_rope = None if self.decoupled else RotaryEmbedding(
             cfg.rope_dim(), cfg.max_seq_len, cfg.rope_base, cfg.rope_layout, cfg.rope_scaling)
-        self.generation_weights = FusedCopy()
+        self.input_proj: nn.Module | None = None  # [q_in; kv_a] fused for decoding (slmforge.infer.kernels)
 
     def cache_shapes(self) -> list[tuple[int, int]]:
         """(heads, dim) of each cached store: the latent, and in the decoupled form the rotated RoPE key."""
@@ -82,22 +81,20 @@ class MLAttention(nn.Module):
         return weight, bias
 
     def forward(self, x: torch.Tensor, rope_tables: tuple[torch.Tensor, torch.Tensor],
-                kv: LayerKV | None = None, masks: dict | None = None, gen_splits: int | None = None) -> torch.Tensor:
+                kv: LayerKV | None = None, masks: dict | None = None) -> torch.Tensor:
         """x [B, T, d_model]; rope_tables from `RotaryEmbedding.full_tables` (queries' positions); `masks`
-        is the per-forward memo shared with the other layers; `gen_splits` as in `Attention.forward`."""
+        is the per-forward memo shared with the other layers."""
         B, T, _ = x.shape
         H, dn, dr = self.n_heads, self.nope_dim, self.rope_dim
         q_in = self._q_in()
-        if gen_splits is None:
+        if self.input_proj is None:
             q, latent = q_in(x), self.kv_a_proj(x)
         else:  # one matrix-vector product for both projections of x
-            params = [p for m in (q_in, self.kv_a_proj) for p in (m.weight, m.bias) if p is not None]
-            weight, bias = self.generation_weights.get(params, self.fused_input)
-            q, latent = decode_linear(x, weight, bias, gen_splits).split((q_in.out_features, self.kv_rank + dr), -1)
+            q, latent = self.input_proj(x).split((q_in.out_features, self.kv_rank + dr), -1)
         if self.q_b_proj is not None:
             if self.q_a_norm is not None:
                 q = self.q_a_norm(q)
-            q = self._linear(self.q_b_proj, q, gen_splits)
+            q = self.q_b_proj(q)
         q = q.view(B, T, H, dn + dr)
         c_kv, k_rope = latent.split((self.kv_rank, dr), -1)
         if self.kv_a_norm is not None:
@@ -131,11 +128,7 @@ class MLAttention(nn.Module):
                 k, v = self._expand(c_all[:, 0], rot)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         y = y.transpose(1, 2).reshape(B, T, H * self.v_dim)
-        return self._linear(self.o_proj, y, gen_splits)
-
-    @staticmethod
-    def _linear(layer: nn.Linear, x: torch.Tensor, gen_splits: int | None) -> torch.Tensor:
-        return layer(x) if gen_splits is None else decode_linear(x, layer.weight, layer.bias, gen_splits)
+        return self.o_proj(y)
 
     def _expand(self, c_kv: torch.Tensor, rot) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head keys and values [B, H, S, dim] from latents c_kv [B, S, r]. `rot`: decoupled, the rotated

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmforge.config import ModelConfig, MoEConfig
-from slmforge.model.ffn import SwiGLU, decode_linear
+from slmforge.model.ffn import SwiGLU
 
 
 class Router(nn.Module):
@@ -68,17 +68,16 @@ class Experts(nn.Module):
         self.up_proj.normal_(0.0, std)
         self.down_proj.normal_(0.0, out_std)
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor, gen_splits: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [N, d]: tokens sorted by expert, counts [E] of them per expert -> each through its expert."""
-        splits = gen_splits or 1  # decode_linear is F.linear except for one float32 token in generation
         # unbind, not indexing: the backward of E index views would build E zero-filled [E, f, d] gradients
         gates, ups, downs = self.gate_proj.unbind(), self.up_proj.unbind(), self.down_proj.unbind()
         outs = []
         for e, chunk in enumerate(x.split(counts.tolist())):
             if chunk.shape[0] == 0:
                 continue
-            h = F.silu(decode_linear(chunk, gates[e], None, splits)) * decode_linear(chunk, ups[e], None, splits)
-            outs.append(decode_linear(h, downs[e], None, splits))
+            h = F.silu(F.linear(chunk, gates[e])) * F.linear(chunk, ups[e])
+            outs.append(F.linear(h, downs[e]))
         return torch.cat(outs)
 
 
@@ -108,7 +107,7 @@ class MoE(nn.Module):
         self.shared_expert = SwiGLU(cfg.d_model, m.shared_d_ff, cfg.bias) if m.shared_d_ff > 0 else None
         self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if m.shared_gate else None
 
-    def forward(self, x: torch.Tensor, gen_splits: int | None = None) -> tuple[torch.Tensor, dict]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """x [B, T, d] -> (y [B, T, d], aux): aux["load"] [E] float, tokens routed to each expert (detached);
         aux["dropped"], routed (token, choice) pairs no expert computed (0);
         aux["balance_loss"], alpha times the sequence-wise balance loss, when moe.balance_loss > 0 and
@@ -125,12 +124,12 @@ class MoE(nn.Module):
         inverse[order] = torch.arange(order.numel(), device=order.device)
         counts = torch.bincount(flat, minlength=E)
         pairs = h.unsqueeze(1).expand(-1, k, -1).reshape(-1, d)  # row i*k + j: token i's j-th choice
-        out = self.experts(_Permute.apply(pairs, order, inverse), counts, gen_splits)
+        out = self.experts(_Permute.apply(pairs, order, inverse), counts)
         computed = out.shape[0]
         out = _Permute.apply(out, inverse, order).view(-1, k, d)
         y = (out * weights.to(out.dtype).unsqueeze(-1)).sum(dim=1).view(B, T, d)
         if self.shared_expert is not None:
-            shared = self.shared_expert(x, gen_splits)
+            shared = self.shared_expert(x)
             if self.shared_gate is not None:
                 shared = torch.sigmoid(self.shared_gate(x)) * shared
             y = y + shared

@@ -25,8 +25,8 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)  # before the shared head
 
     def forward(self, hidden: torch.Tensor, next_embedding: torch.Tensor, rope_tables, kv=None, masks=None,
-                gen_splits=None, moe_stats=None) -> torch.Tensor:
+                moe_stats=None) -> torch.Tensor:
         """hidden [B, T, d] of the previous depth at positions i, next_embedding [B, T, d] of tokens i + k
         -> this depth's hidden state [B, T, d] (before `norm`)."""
         x = self.proj(torch.cat((self.embed_norm(next_embedding), self.hidden_norm(hidden)), dim=-1))
-        return self.block(x, rope_tables, kv, masks, gen_splits, moe_stats)
+        return self.block(x, rope_tables, kv, masks, moe_stats)

@@ -34,9 +34,10 @@ from torch import nn
 from slmforge.config import ModelConfig
 from slmforge.model.attention import Attention
 from slmforge.model.cache import KVCache, LayerKV
+from slmforge.model.head import head_logits
 from slmforge.model.norm import RMSNorm
 from slmforge.model.rope import RotaryEmbedding, rope
-from slmforge.model.transformer import Block, Transformer
+from slmforge.model.transformer import Block
 
 
 class CrossScaleAttention(nn.Module):
@@ -89,7 +90,7 @@ class MultiScaleCache:
         self.bytes = torch.zeros(batch_size, max_len + 1, dtype=torch.long, device=device)  # last: scratch
         shapes = model.stacks[0][0].attn.cache_shapes()
         n_stores = model.cfg.multiscale.layers_per_scale + len(model.cross) * (len(model.scales) - 1)
-        self.scales, self.outputs = [], []
+        self.scales, self.outputs, self.scales_s = [], [], list(model.scales)
         for s in model.scales:
             n_positions = -(-max_len // s)
             self.scales.append(KVCache([(None, shapes)] * n_stores, batch_size, n_positions, dtype, device))
@@ -107,7 +108,33 @@ class MultiScaleCache:
         if last >= self.max_len:
             raise ValueError(f"cache is full: position {last} requested, capacity {self.max_len}")
         self.bytes.scatter_(1, torch.where(positions >= 0, positions, self.max_len), tokens)
-        self.lengths = torch.maximum(self.lengths, positions.max(dim=1).values + 1)
+        self.lengths.copy_(torch.maximum(self.lengths, positions.max(dim=1).values + 1))
+
+    def truncate(self, lengths: torch.Tensor | list[int]) -> None:
+        """Roll sequences back to `lengths` bytes: scale s keeps its positions j with js < length."""
+        lengths = torch.as_tensor(lengths, dtype=torch.long, device=self.lengths.device)
+        if bool((lengths > self.lengths).any()):
+            raise ValueError("truncate can only shorten sequences")
+        for s, scale in zip(self.scales_s, self.scales):
+            scale.truncate((lengths + s - 1) // s)
+        self.lengths.copy_(lengths)
+
+    def reset(self, slots: int | list[int]) -> None:
+        """Empty the given slots (sequence indices) for new sequences."""
+        lengths = self.lengths.clone()
+        lengths[slots] = 0
+        self.truncate(lengths)
+
+    def slots(self, start: int, stop: int) -> "MultiScaleCache":
+        """A view of sequences start..stop-1 (shared memory): a forward on it reads and writes only them."""
+        if not 0 <= start < stop <= self.batch_size:
+            raise ValueError(f"slots {start}..{stop - 1} are not within the cache's {self.batch_size}")
+        view = MultiScaleCache.__new__(MultiScaleCache)
+        view.batch_size, view.max_len, view.scales_s = stop - start, self.max_len, self.scales_s
+        view.lengths, view.bytes = self.lengths[start:stop], self.bytes[start:stop]
+        view.scales = [scale.slots(start, stop) for scale in self.scales]
+        view.outputs = [out[start:stop] for out in self.outputs]
+        return view
 
 
 def _stored(store: LayerKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -117,8 +144,8 @@ def _stored(store: LayerKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 class MultiScaleTransformer(nn.Module):
-    """Same interface as `Transformer`: forward(tokens, positions, cache, last_only, return_hidden),
-    new_cache, logits, reset_parameters; see the module docstring for the design."""
+    """The decoding contract of `slmforge.model.decoding`, as `Transformer` keeps it: forward(tokens,
+    positions, cache, last_only, return_hidden), new_cache, logits; see the module docstring for the design."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -137,13 +164,14 @@ class MultiScaleTransformer(nn.Module):
         self.norm = RMSNorm(d, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
         self.mtp = nn.ModuleList()  # no multi-token prediction (kept so `if not model.mtp` checks work)
+        self.head_proj: nn.Module | None = None  # the head for decoding (slmforge.infer.kernels)
         self.reset_parameters()
-        self._has_generation_weights = False
 
-    # The tied head with soft-cap, and the fused weights of one-token decoding steps, as in the decoder.
-    logits = Transformer.logits
-    _generation_splits = Transformer._generation_splits
-    drop_generation_weights = Transformer.drop_generation_weights
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return head_logits(h, self.head_weight(), self.cfg.final_logit_softcap, self.head_proj)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -183,15 +211,14 @@ class MultiScaleTransformer(nn.Module):
             cache = self.new_cache(B, T)
         if cache is None and T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-        gen_splits = self._generation_splits(tokens, cache)
         if cache is None:
             steps = self._whole_sequence(tokens)
-            outputs = self._run_stacks(steps, None, gen_splits)
+            outputs = self._run_stacks(steps, None)
             ups = [h.repeat_interleave(s, dim=1)[:, :T] for h, s in zip(outputs, self.scales)]
         else:
             positions = cache.next_positions(T) if positions is None else positions
             steps = self._new_positions(tokens, positions, cache)
-            ups = self._read_outputs(self._run_stacks(steps, cache, gen_splits), steps, positions, cache)
+            ups = self._read_outputs(self._run_stacks(steps, cache), steps, positions, cache)
         if last_only and not return_hidden:
             ups = [u[:, -1:] for u in ups]
         gate = torch.softmax(self.fusion_gate(torch.cat(ups, dim=-1)), dim=-1)
@@ -199,7 +226,7 @@ class MultiScaleTransformer(nn.Module):
         aux = {"hidden": x, "scale_hidden": ups} if return_hidden else {}
         if last_only:
             x = x[:, -1:]
-        return self.logits(self.norm(x), gen_splits), aux
+        return self.logits(self.norm(x)), aux
 
     def _whole_sequence(self, tokens: torch.Tensor) -> list[ScaleStep]:
         """Every position of every scale, for a sequence starting at byte 0."""
@@ -239,8 +266,7 @@ class MultiScaleTransformer(nn.Module):
                                    self.rope.full_tables(horizon, n), horizon, coarse))
         return steps
 
-    def _run_stacks(self, steps: list[ScaleStep | None], cache: MultiScaleCache | None,
-                    gen_splits: int | None) -> list[torch.Tensor | None]:
+    def _run_stacks(self, steps: list[ScaleStep | None], cache: MultiScaleCache | None) -> list[torch.Tensor | None]:
         """Each scale's blocks, with the cross-scale rounds between them; the stacks' final states."""
         h = [None if step is None else step.h for step in steps]
         self_masks = [{} for _ in steps]  # one memo per scale: their positions differ
@@ -249,7 +275,7 @@ class MultiScaleTransformer(nn.Module):
             for k, step in enumerate(steps):
                 if step is not None:
                     kv = None if cache is None else cache.scales[k].layers[i]
-                    h[k] = self.stacks[k][i](h[k], step.self_rope, kv, self_masks[k], gen_splits)
+                    h[k] = self.stacks[k][i](h[k], step.self_rope, kv, self_masks[k])
             for r, after in enumerate(self.cross_after):
                 if after == i + 1:
                     h = self._cross_round(r, h, steps, cache, cross_masks)

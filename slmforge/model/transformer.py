@@ -8,23 +8,20 @@ or an attention residual, and D multi-token-prediction modules may follow the la
 loads, the balance loss, hidden states on request); losses belong to the trainer. Nothing here knows
 about files, devices or optimizers.
 
-Generation (a forward with a cache and autograd off) fuses q/k/v and gate/up into one matrix each, so a
-decoding step of a dense GQA layer runs 4 matrix-vector products instead of 7. The fused matrices are
-copies (for shard-40m +63% of the weights' memory while generating), rebuilt when a weight changes and
-dropped by the next forward with autograd on or by `drop_generation_weights()`. One-token products are
-split over the CPU threads (see `decode_linear`).
+Decoding uses the same forward with a cache (see `slmforge.model.decoding` for the contract); the
+kernels it runs fastest with are chosen outside the model, by `slmforge.infer.kernels`.
 """
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from slmforge.config import ModelConfig
 from slmforge.model.attention import Attention
 from slmforge.model.cache import KVCache
-from slmforge.model.ffn import SwiGLU, decode_linear
+from slmforge.model.ffn import SwiGLU
+from slmforge.model.head import head_logits
 from slmforge.model.mla import MLAttention
 from slmforge.model.moe import MoE
 from slmforge.model.mtp import MTPModule
@@ -43,21 +40,21 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = MoE(cfg) if cfg.layer_is_moe(index) else SwiGLU(cfg.d_model, cfg.d_ff, cfg.bias)
 
-    def attention(self, h, rope_tables, kv=None, masks=None, gen_splits=None) -> torch.Tensor:
-        return self.attn(self.attn_norm(h), rope_tables, kv, masks, gen_splits)
+    def attention(self, h, rope_tables, kv=None, masks=None) -> torch.Tensor:
+        return self.attn(self.attn_norm(h), rope_tables, kv, masks)
 
-    def feed_forward(self, h, gen_splits=None, moe_stats: list | None = None) -> torch.Tensor:
+    def feed_forward(self, h, moe_stats: list | None = None) -> torch.Tensor:
         if not isinstance(self.ffn, MoE):
-            return self.ffn(self.ffn_norm(h), gen_splits)
-        out, stats = self.ffn(self.ffn_norm(h), gen_splits)
+            return self.ffn(self.ffn_norm(h))
+        out, stats = self.ffn(self.ffn_norm(h))
         if moe_stats is not None:
             moe_stats.append(stats)
         return out
 
-    def forward(self, x, rope_tables, kv=None, masks=None, gen_splits=None, moe_stats=None) -> torch.Tensor:
+    def forward(self, x, rope_tables, kv=None, masks=None, moe_stats=None) -> torch.Tensor:
         """The block with plain additive residuals (how MTP modules use it)."""
-        x = x + self.attention(x, rope_tables, kv, masks, gen_splits)
-        return x + self.feed_forward(x, gen_splits, moe_stats)
+        x = x + self.attention(x, rope_tables, kv, masks)
+        return x + self.feed_forward(x, moe_stats)
 
 
 def _first_positions(rope_tables: tuple[torch.Tensor, torch.Tensor], n: int):
@@ -78,8 +75,8 @@ class Transformer(nn.Module):
         # an MTP block attends like the decoder's last layer (globally, unless every layer slides, as in CodeMind)
         mtp_window = cfg.layer_windows()[-1]
         self.mtp = nn.ModuleList(MTPModule(cfg, Block(cfg, cfg.n_layers + k, mtp_window)) for k in range(cfg.mtp_depth))
+        self.head_proj: nn.Module | None = None  # the head for decoding (slmforge.infer.kernels)
         self.reset_parameters()
-        self._has_generation_weights = False
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -144,15 +141,14 @@ class Transformer(nn.Module):
         elif T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         rope = self.rope.full_tables(positions, T)
-        gen_splits = self._generation_splits(tokens, cache)
         masks = {}  # built by the first layer of each attention kind, reused by the others
         moe_stats: list[dict] = []
         res = self.residual
         state = res.begin(self.embed(tokens))
         for i, layer in enumerate(self.layers):
             kv = cache.layers[i] if cache is not None else None
-            res.add(state, i, 0, layer.attention(res.input(state, i, 0), rope, kv, masks, gen_splits))
-            res.add(state, i, 1, layer.feed_forward(res.input(state, i, 1), gen_splits, moe_stats))
+            res.add(state, i, 0, layer.attention(res.input(state, i, 0), rope, kv, masks))
+            res.add(state, i, 1, layer.feed_forward(res.input(state, i, 1), moe_stats))
         x = res.output(state)
         aux = {}
         if self.mtp and self.training and cache is None:
@@ -167,7 +163,7 @@ class Transformer(nn.Module):
             aux["hidden"] = x
         if last_only:
             x = x[:, -1:]
-        return self.logits(self.norm(x), gen_splits), aux
+        return self.logits(self.norm(x)), aux
 
     def _mtp_logits(self, hidden, tokens, rope, masks, moe_stats) -> list[torch.Tensor]:
         out = []
@@ -176,7 +172,7 @@ class Transformer(nn.Module):
             if n <= 0:
                 break
             hidden = module(hidden[:, :n], self.embed(tokens[:, k:]), _first_positions(rope, n), None, masks,
-                            None, moe_stats)
+                            moe_stats)
             out.append(self.logits(module.norm(hidden)))
         return out
 
@@ -192,58 +188,11 @@ class Transformer(nn.Module):
             positions = cache.next_positions(T)
         cache.begin(positions)
         module = self.mtp[0]
-        gen_splits = self._generation_splits(next_tokens, cache)
-        h = module(hidden, self.embed(next_tokens), self.rope.full_tables(positions, T), cache.layers[0], {},
-                   gen_splits)
-        return self.logits(module.norm(h), gen_splits), h
+        h = module(hidden, self.embed(next_tokens), self.rope.full_tables(positions, T), cache.layers[0], {})
+        return self.logits(module.norm(h)), h
 
-    def _generation_splits(self, tokens: torch.Tensor, cache: KVCache | None) -> int | None:
-        """The weight blocks of one-token products in generation (see decode_linear); None otherwise."""
-        if torch.is_grad_enabled():
-            if self._has_generation_weights:
-                self.drop_generation_weights()
-            return None
-        if cache is None:
-            return None
-        self._has_generation_weights = True
-        return torch.get_num_threads() if tokens.device.type == "cpu" else 1
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
-    def drop_generation_weights(self) -> None:
-        """Free the fused weight copies that generation keeps between steps (rebuilt on demand)."""
-        for module in self.modules():
-            copy = getattr(module, "generation_weights", None)
-            if copy is not None:
-                copy.clear()
-        self._has_generation_weights = False
-
-    def logits(self, h: torch.Tensor, gen_splits: int | None = None) -> torch.Tensor:
-        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        if gen_splits is not None:
-            logits = decode_linear(h, head, None, gen_splits)
-        else:
-            logits = F.linear(h, head)
-        cap = self.cfg.final_logit_softcap
-        if cap is None:
-            return logits
-        if torch.is_grad_enabled() and logits.requires_grad:
-            return _SoftcapFunction.apply(logits, cap)
-        return logits.div_(cap).tanh_().mul_(cap)
-
-
-class _SoftcapFunction(torch.autograd.Function):
-    """cap * tanh(x / cap), in place on x (a fresh matmul output nothing else keeps), with the backward
-    d/dx = 1 - (y / cap)²: no extra [B, T, V] tensor in the forward, one in the backward."""
-
-    @staticmethod
-    def forward(ctx, x, cap):
-        y = x.div_(cap).tanh_().mul_(cap)
-        ctx.mark_dirty(x)
-        ctx.save_for_backward(y)
-        ctx.cap = cap
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return torch.ops.aten.tanh_backward(grad, y / ctx.cap), None
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return head_logits(h, self.head_weight(), self.cfg.final_logit_softcap, self.head_proj)
