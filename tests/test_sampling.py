@@ -15,6 +15,7 @@ from slmforge.infer import (
     top_k_filter,
     top_p_filter,
 )
+from slmforge.infer.engine import Engine, Request
 from slmforge.model import Transformer
 from slmforge.tokenizer import byte_tokenizer
 
@@ -45,8 +46,7 @@ def force_text(tokenizer, text: str):
 
     def processor(logits, generated):
         forced = torch.full_like(logits, NEG_INF)
-        for row, ids in enumerate(generated):
-            forced[row, target[min(len(ids), len(target) - 1)]] = 0.0
+        forced[target[min(len(generated), len(target) - 1)]] = 0.0
         return forced
 
     return processor
@@ -151,18 +151,20 @@ def test_a_finished_sequence_does_not_disturb_the_others(model):
     prompts = random_prompts([4, 12], seed=2)
     eos = 257
 
-    def eos_for_row_0_at_step_2(logits, generated):
-        if len(generated[0]) == 2:
+    def eos_at_step_2(logits, generated):
+        if len(generated) == 2:
             logits = logits.clone()
-            logits[0, eos] = 1e4
+            logits[eos] = 1e4
         return logits
 
     params = SamplingParams(max_new_tokens=8, temperature=0)
-    together = generate_ids(model, prompts, params, eos_id=eos, logits_processor=eos_for_row_0_at_step_2)
+    engine = Engine(model, eos_id=eos, max_batch=2)
+    together = engine.generate([Request(prompts[0], params, logits_processor=eos_at_step_2),
+                                Request(prompts[1], params)])
     alone = generate_ids(model, prompts[1:], params, eos_id=eos)[0]
-    assert together[0].token_ids[-1] == eos and together[0].n_generated == 3
+    assert together[0].output_ids[-1] == eos and len(together[0].output_ids) == 3
     assert together[0].finish_reason == "stop"
-    assert together[1].token_ids == alone.token_ids and together[1].finish_reason == alone.finish_reason
+    assert together[1].output_ids == alone.token_ids and together[1].finish_reason == alone.finish_reason
 
 
 def test_seeded_sampling_is_reproducible(model):
@@ -192,7 +194,7 @@ def test_repetition_penalty_avoids_tokens_of_prompt_and_continuation(model):
 def test_min_new_tokens_holds_back_eos(model, tokenizer):
     def eos_first(logits, generated):
         logits = logits.clone()
-        logits[:, tokenizer.eos_id] = 1e4
+        logits[tokenizer.eos_id] = 1e4
         return logits
 
     eager = generate(model, tokenizer, ["ab"], SamplingParams(max_new_tokens=10, temperature=0),
