@@ -162,9 +162,9 @@ def cmd_eval(args) -> None:
 
 def cmd_sample(args) -> None:
     from slmforge.infer import SamplingParams, generate
-    from slmforge.infer.load import load_model
+    from slmforge.infer.load import load_for_decoding
 
-    loaded = load_model(args.run, device="cpu")
+    loaded = load_for_decoding(args.run, device="cpu")
     model, tokenizer = loaded.model, loaded.tokenizer
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
