@@ -40,13 +40,13 @@ class TextStream:
         return self._take(len(self.text))
 
     def _held_back(self) -> int:
-        text = self.text
-        if text.endswith(REPLACEMENT):
-            return len(text) - len(text.rstrip(REPLACEMENT))
+        """Characters at the end of the text that may still change or begin a stop string."""
+        text = self.text.rstrip(REPLACEMENT)
+        incomplete = len(self.text) - len(text)
         for n in range(min(self.longest_stop - 1, len(text)), 0, -1):
             if any(s.startswith(text[-n:]) for s in self.stop):
-                return n
-        return 0
+                return incomplete + n
+        return incomplete
 
     def _take(self, end: int) -> str:
         end = max(end, self.shown)
