@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from slmforge.config import load_config
-from slmforge.infer.generate import left_pad
 from slmforge.model import Transformer
 
 WINDOW = 8
@@ -21,6 +20,17 @@ VARIANTS = {
     "mha_untied_bias": ["model.n_kv_heads=4", "model.tie_embeddings=false", "model.bias=true"],
 }
 
+
+
+def left_pad(prompt_ids: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens [B, T] and positions [B, T] (-1 on the padding) of prompts aligned on their last token."""
+    width = max(len(ids) for ids in prompt_ids)
+    tokens = torch.zeros(len(prompt_ids), width, dtype=torch.long)
+    positions = torch.full((len(prompt_ids), width), -1, dtype=torch.long)
+    for row, ids in enumerate(prompt_ids):
+        tokens[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        positions[row, width - len(ids):] = torch.arange(len(ids))
+    return tokens.to(device), positions.to(device)
 
 def make_model(overrides: list[str], seed: int = 0) -> Transformer:
     torch.manual_seed(seed)

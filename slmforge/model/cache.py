@@ -14,7 +14,7 @@ A global layer stores entry p at slot p. A sliding-window layer keeps a ring of 
 up to margin + 1 tokens be written before it is attended to.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,19 @@ class CacheStep:
     positions: torch.Tensor  # [B, T] absolute positions of the tokens being added, -1 = padding
     len_before: int  # longest sequence before the step
     len_after: int  # longest sequence after it
+    write_indices: dict = field(default_factory=dict)  # capacity -> (rows, slots): shared by the layers
+
+    def write_index(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the step's entries go in a store of `capacity` slots: (rows, slots), both [B, T]; padding
+        and entries a ring cannot keep go to the scratch slot `capacity`."""
+        if capacity not in self.write_indices:
+            positions = self.positions
+            last = positions.max(dim=1, keepdim=True).values
+            keep = (positions >= 0) & (positions > last - capacity)
+            slot = torch.where(keep, positions % capacity, capacity)
+            rows = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)
+            self.write_indices[capacity] = rows, slot
+        return self.write_indices[capacity]
 
 
 class LayerKV:
@@ -46,24 +59,21 @@ class LayerKV:
         n_new = new[0].shape[2]
         fits = self.window is None or n_new <= self.capacity - self.window + 1
         if fits:  # write first, then attend over the used slots (no copy of the cache)
-            self._write(new, step.positions)
+            self._write(new, step)
             used = min(self.capacity, step.len_after)
             return (*(s[:, :, :used] for s in self.stores), self.pos[:, :used])
         # A long chunk would overwrite ring entries its own first queries still need: attend over a copy.
         used = min(self.capacity, step.len_before)
         out = [torch.cat((s[:, :, :used], t), dim=2) for s, t in zip(self.stores, new)]
         key_pos = torch.cat((self.pos[:, :used], step.positions), dim=1)
-        self._write(new, step.positions)
+        self._write(new, step)
         return (*out, key_pos)
 
-    def _write(self, new: tuple[torch.Tensor, ...], positions: torch.Tensor) -> None:
-        last = positions.max(dim=1, keepdim=True).values
-        keep = (positions >= 0) & (positions > last - self.capacity)
-        slot = torch.where(keep, positions % self.capacity, self.capacity)
-        rows = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)
+    def _write(self, new: tuple[torch.Tensor, ...], step: CacheStep) -> None:
+        rows, slot = step.write_index(self.capacity)
         for store, t in zip(self.stores, new):
             store[rows, :, slot] = t.transpose(1, 2).to(store.dtype)
-        self.pos[rows, slot] = positions
+        self.pos[rows, slot] = step.positions
         self.pos[:, self.capacity] = -1
 
     def truncate(self, lengths: torch.Tensor) -> None:
