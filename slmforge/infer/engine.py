@@ -244,7 +244,7 @@ class Engine:
             positions[request.slot - first, width - n:] = torch.arange(start, start + n)
         want_all = any(r.params.prompt_logprobs is not None for r in group)
         logits, _ = self.model(tokens.to(self.device), positions.to(self.device),
-                               cache=self.cache.slots(first, last + 1), last_only=not want_all)
+                               cache=self._slots(first, last + 1), last_only=not want_all)
         finished = []
         for request in group:
             start, n = chunk[request.slot]
@@ -260,15 +260,20 @@ class Engine:
 
     def _decode(self, requests: list[Request]) -> None:
         first, last = requests[0].slot, requests[-1].slot
-        tokens = torch.zeros(last - first + 1, 1, dtype=torch.long)
-        positions = torch.full_like(tokens, -1)
+        tokens, positions = [0] * (last - first + 1), [-1] * (last - first + 1)  # idle slots: padding
         for request in requests:
-            tokens[request.slot - first, 0] = request.output_ids[-1]
-            positions[request.slot - first, 0] = len(request.prompt_ids) + len(request.output_ids) - 1
-        logits, _ = self.model(tokens.to(self.device), positions.to(self.device),
-                               cache=self.cache.slots(first, last + 1), last_only=True)
-        rows = torch.tensor([r.slot - first for r in requests], device=logits.device)
-        self._advance(requests, logits[rows, -1])
+            tokens[request.slot - first] = request.output_ids[-1]
+            positions[request.slot - first] = len(request.prompt_ids) + len(request.output_ids) - 1
+        logits, _ = self.model(torch.tensor(tokens, device=self.device)[:, None],
+                               torch.tensor(positions, device=self.device)[:, None],
+                               cache=self._slots(first, last + 1), last_only=True)
+        if len(requests) < len(tokens):
+            logits = logits[torch.tensor([r.slot - first for r in requests], device=logits.device)]
+        self._advance(requests, logits[:, -1])
+
+    def _slots(self, start: int, stop: int):
+        """The cache, or the view of the slots a forward runs on."""
+        return self.cache if start == 0 and stop == self.max_batch else self.cache.slots(start, stop)
 
     def _record_prompt_logprobs(self, request: Request, logits: torch.Tensor, start: int, n: int) -> None:
         """Log-probabilities of prompt tokens start+1 .. start+n (each predicted by the one before it);
