@@ -9,12 +9,11 @@ import torch
 from helpers import random_checkpoint
 
 from slmforge.config import load_config
+from slmforge.infer import SamplingParams, generate_ids
 from slmforge.infer.kernels import Int8Linear, SplitLinear, prepare_for_decoding
 from slmforge.infer.load import load_for_decoding
-from slmforge.infer import SamplingParams, generate_ids
 from slmforge.infer.speculative import speculative_greedy
 from slmforge.model import build_model
-
 
 FAMILIES = ["tiny", "nekomind-tiny", "axion1-tiny", "codemind-tiny", "axl-code-tiny", "quickstart"]
 
