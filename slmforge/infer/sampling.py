@@ -122,7 +122,8 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: 
     if not sampled:
         return chosen
     sub = logits[sampled] / torch.tensor([params[r].temperature for r in sampled], device=logits.device)[:, None]
-    ks = torch.tensor([params[r].top_k for r in sampled], device=logits.device)
+    vocab = logits.shape[-1]  # top_k >= the vocabulary keeps every token
+    ks = torch.tensor([min(params[r].top_k, vocab) for r in sampled], device=logits.device)
     ps = torch.tensor([params[r].top_p for r in sampled], device=logits.device)
     order = None
     if bool((ks > 0).any()) or bool((ps < 1).any()):  # filter on the sorted logits, all rows at once
