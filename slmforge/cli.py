@@ -1,4 +1,4 @@
-"""`slmforge` command line: info, tokenizer train, data prepare, train, eval, sample, export, import, plot."""
+"""`slmforge` command line: info, tokenizer train, data prepare, train, eval, sample, serve, export, import, plot."""
 
 from __future__ import annotations
 
@@ -204,6 +204,19 @@ def _sample_speculative(model, tokenizer, prompts: list[str], params) -> None:
               f"(x{plain_s / spec.seconds * len(spec.token_ids) / max(plain.n_generated, 1):.2f})")
 
 
+def cmd_serve(args) -> None:
+    import os
+
+    from slmforge.serve import check_packages
+
+    check_packages()
+    from slmforge.serve.server import serve
+
+    api_key = args.api_key or os.environ.get("SLMFORGE_API_KEY") or None
+    serve(args.run, host=args.host, port=args.port, api_key=api_key, max_batch=args.max_batch,
+          max_queue=args.max_queue, weights=args.weights, device=args.device, model_name=args.model_name)
+
+
 def cmd_export(args) -> None:
     from slmforge.export.hf import export_hf
 
@@ -323,6 +336,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", action="store_true",
                    help="greedy decoding drafted by the model's MTP module; reports acceptance and speed-up")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a run or checkpoint (needs slmforge[serve])")
+    p.add_argument("run", help="run folder (its newest intact checkpoint) or checkpoint folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=number(int, 0, 65535), default=8000, help="0: any free port")
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY on every route but /health and / "
+                   "(default: the SLMFORGE_API_KEY environment variable, which the process list does not show)")
+    p.add_argument("--max-batch", type=POSITIVE_INT, default=16, help="requests decoding at once (cache slots)")
+    p.add_argument("--max-queue", type=POSITIVE_INT, default=256,
+                   help="requests waiting for a slot; beyond it the server answers 429")
+    p.add_argument("--weights", choices=["fp32", "bf16", "f16", "int8"], default="fp32",
+                   help="how the weights are held while decoding")
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
+    p.add_argument("--model-name", help="the name clients send as `model` (default: RUN as given)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="write a run's model in another format: a Hugging Face folder, a GGUF file")
     p.add_argument("run", help="run folder (its newest intact checkpoint) or checkpoint folder "
