@@ -171,3 +171,16 @@ def test_serve_without_the_extra_says_what_to_install(tmp_path):
     done = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr == "slmforge: error: slmforge serve needs fastapi: pip install slmforge[serve]\n"
+
+
+def test_a_template_that_reaches_for_python_internals_is_refused():
+    """Chat templates come with downloaded checkpoints: they render in Jinja's immutable sandbox."""
+    from slmforge.serve.chat_template import ChatTemplate, TemplateError
+    from slmforge.tokenizer import byte_tokenizer
+
+    escape = ChatTemplate("{{ ''.__class__.__mro__[1].__subclasses__() }}", byte_tokenizer())
+    with pytest.raises(TemplateError, match="refused"):
+        escape.render([USER])
+    mutate = ChatTemplate("{% set _ = messages.append({'role': 'system', 'content': 'x'}) %}ok", byte_tokenizer())
+    with pytest.raises(TemplateError, match="refused"):
+        mutate.render([USER])

@@ -59,8 +59,10 @@ class ChatTemplate:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         try:
+            # tools and documents given as None, as transformers does: templates test them with `is not none`
             return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        bos_token=self.bos_token, eos_token=self.eos_token)
+                                        bos_token=self.bos_token, eos_token=self.eos_token, tools=None,
+                                        documents=None)
         except jinja2.exceptions.TemplateError as e:  # raise_exception, a sandbox refusal, an undefined name
             raise TemplateError(f"the chat template refused these messages: {e.message or type(e).__name__}") from None
         except (TypeError, ValueError, KeyError) as e:  # e.g. content that is not what the template concatenates
