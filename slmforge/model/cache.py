@@ -24,18 +24,18 @@ class CacheStep:
     positions: torch.Tensor  # [B, T] absolute positions of the tokens being added, -1 = padding
     len_before: int  # longest sequence before the step
     len_after: int  # longest sequence after it
-    write_indices: dict = field(default_factory=dict)  # capacity -> (rows, slots): shared by the layers
+    write_indices: dict = field(default_factory=dict)  # capacity -> (rows, slots, scratch used): for all layers
 
-    def write_index(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Where the step's entries go in a store of `capacity` slots: (rows, slots), both [B, T]; padding
-        and entries a ring cannot keep go to the scratch slot `capacity`."""
+    def write_index(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Where the step's entries go in a store of `capacity` slots: (rows, slots), both [B, T], and whether
+        any goes to the scratch slot `capacity` (padding, entries a ring cannot keep)."""
         if capacity not in self.write_indices:
             positions = self.positions
             last = positions.max(dim=1, keepdim=True).values
             keep = (positions >= 0) & (positions > last - capacity)
             slot = torch.where(keep, positions % capacity, capacity)
             rows = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)
-            self.write_indices[capacity] = rows, slot
+            self.write_indices[capacity] = rows, slot, not bool(keep.all())
         return self.write_indices[capacity]
 
 
@@ -70,11 +70,12 @@ class LayerKV:
         return (*out, key_pos)
 
     def _write(self, new: tuple[torch.Tensor, ...], step: CacheStep) -> None:
-        rows, slot = step.write_index(self.capacity)
+        rows, slot, scratch = step.write_index(self.capacity)
         for store, t in zip(self.stores, new):
-            store[rows, :, slot] = t.transpose(1, 2).to(store.dtype)
+            store[rows, :, slot] = t.transpose(1, 2) if t.dtype == store.dtype else t.transpose(1, 2).to(store.dtype)
         self.pos[rows, slot] = step.positions
-        self.pos[:, self.capacity] = -1
+        if scratch:
+            self.pos[:, self.capacity] = -1
 
     def truncate(self, lengths: torch.Tensor) -> None:
         self.pos.masked_fill_(self.pos >= lengths[:, None], -1)

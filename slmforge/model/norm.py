@@ -42,8 +42,9 @@ class _RMSNormFunction(torch.autograd.Function):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of x over its last dim, computed in float32, returned in x's dtype."""
-    x32 = x.float()
-    w32 = weight.float()
+    # dtype checks in Python: a no-op .float() still costs a dispatch, and decoding calls this 2L + 1 times a token
+    x32 = x if x.dtype == torch.float32 else x.float()
+    w32 = weight if weight.dtype == torch.float32 else weight.float()
     if torch.is_grad_enabled() and (x32.requires_grad or w32.requires_grad):
         y = _RMSNormFunction.apply(x32, w32, eps)
     elif x32.numel() <= 16 * x32.shape[-1]:  # a few tokens (decoding): one call beats three passes
