@@ -131,12 +131,14 @@ def main() -> None:
     print(f"{cpu_name()}, {args.threads} threads; bandwidth {read_per_s / 1e9:.1f} GB/s; shard-40m (llama form) "
           f"reads {fp32_bytes / 1e6:.0f} MB of fp32 weights per token: bound {bound:.0f} tokens/s at fp32; "
           f"batch 1, {args.tokens} new tokens, medians of {args.repeats}\n")
-    loss_head = " | val loss" if args.loss else ""
+    loss_head = " | val loss (change vs fp32)" if args.loss else ""
+    fp32_loss = next((r.get("val_loss") for r in rows if r["runner"] == "slmforge fp32"), None)
     print(f"| runner | decode tokens/s | of the fp32 bound | vs llama.cpp f32 | greedy = llama.cpp f32{loss_head} |")
     print("|---|---:|---:|---:|---|" + ("---:|" if args.loss else ""))
     base = next(r for r in rows if r["runner"] == "llama.cpp f32")["decode_tokens_per_s"]
     for r in rows:
-        loss = f" | {r['val_loss']:.4f}" if "val_loss" in r else (" | " if args.loss else "")
+        loss = (f" | {r['val_loss']:.5f} ({r['val_loss'] - fp32_loss:+.5f})" if "val_loss" in r
+                else (" | " if args.loss else ""))
         print(f"| {r['runner']} | {r['decode_tokens_per_s']:,.1f} | {r['decode_tokens_per_s'] / bound:.0%} | "
               f"{r['decode_tokens_per_s'] / base:.2f}x | {'yes' if r['same_tokens_as_llama_f32'] else 'no'}{loss} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,8 @@ Router, norms, embeddings and stacked expert weights keep their format. A prepar
 its weights must not be trained further (`weights="int8"` no longer reads the float matrices).
 """
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,10 +30,11 @@ WEIGHT_FORMATS = ("float", "int8")  # float: the model's own dtype
 
 
 class SplitLinear(nn.Module):
-    """F.linear for decoding. A single float32 row is a matrix-vector product bound by memory bandwidth,
+    """F.linear for decoding. A few float32 rows make a matrix-vector-like product bound by memory bandwidth,
     which MKL runs on one thread: cut into row blocks of the weight, one per thread, a batched matmul reads
-    them on every thread at once, with the same products and sums. bf16/fp16 products already use every
-    thread, so they, and several rows, go to F.linear."""
+    them on every thread at once, with the same products and sums. Which of the two is faster for a given
+    number of rows depends on the machine, so the first product of each shape times both and keeps the
+    faster (`SPLIT_CHOICES`). bf16/fp16 products already use every thread and go to F.linear."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -41,14 +44,46 @@ class SplitLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, splits = self.weight, torch.get_num_threads()
         out_features, in_features = weight.shape
-        if (splits > 1 and x.numel() == in_features and out_features % splits == 0 and weight.is_contiguous()
+        rows = x.numel() // in_features
+        if (splits > 1 and rows <= MAX_SPLIT_ROWS and out_features % splits == 0 and weight.is_contiguous()
                 and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"):
+            key = (out_features, in_features, rows, splits)
+            if key not in SPLIT_CHOICES:
+                SPLIT_CHOICES[key] = _faster(lambda: self._split(x, splits), lambda: F.linear(x, weight)) == 0
+            if SPLIT_CHOICES[key]:
+                y = self._split(x, splits)
+                return y if self.bias is None else y.add_(self.bias)
+        return F.linear(x, weight, self.bias)
+
+    def _split(self, x: torch.Tensor, splits: int) -> torch.Tensor:
+        out_features, in_features = self.weight.shape
+        blocks = self.weight.view(splits, -1, in_features)
+        if x.numel() == in_features:
             # x as an [in, 1] column with strides (1, in): with (1, 1), MKL takes a 4x slower path.
             column = x.as_strided((splits, in_features, 1), (0, 1, in_features)) if x.is_contiguous() else \
                 x.reshape(1, in_features).t().expand(splits, -1, -1)
-            y = torch.bmm(weight.view(splits, -1, in_features), column).view(*x.shape[:-1], out_features)
-            return y if self.bias is None else y.add_(self.bias)
-        return F.linear(x, weight, self.bias)
+            return torch.bmm(blocks, column).view(*x.shape[:-1], out_features)
+        columns = x.reshape(-1, in_features).t().expand(splits, -1, -1)  # [splits, in, rows]
+        y = torch.bmm(blocks, columns)  # [splits, out / splits, rows]
+        return y.permute(2, 0, 1).reshape(*x.shape[:-1], out_features)
+
+
+MAX_SPLIT_ROWS = 16  # beyond this many rows F.linear's matrix product is at least as fast (measured)
+SPLIT_CHOICES: dict[tuple[int, int, int, int], bool] = {}  # (out, in, rows, threads) -> split is faster
+
+
+def _faster(*candidates) -> int:
+    """The index of the fastest of some calls, each timed as the best of 3 after one warm-up."""
+    times = []
+    for call in candidates:
+        call()
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            call()
+            best = min(best, time.perf_counter() - start)
+        times.append(best)
+    return times.index(min(times))
 
 
 class Int8Linear(nn.Module):
