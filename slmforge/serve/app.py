@@ -302,8 +302,8 @@ async def completion_events(served: ServedModel, body: CompletionRequest, genera
         entries = None
         if body.logprobs is not None and delta.token_ids:
             entries = logprobs[choice.index].entries(delta.logprobs, delta.token_ids)
-        if delta.text or entries or delta.finish_reason:
-            yield chunk(choice.index, delta.text, entries, delta.finish_reason)
+        if delta.token_ids or delta.text or delta.finish_reason:  # a chunk per token, even while its text
+            yield chunk(choice.index, delta.text, entries, delta.finish_reason)  # waits for more bytes
     if body.include_usage:
         completion_tokens = sum(len(c.token_ids) for c in generation.choices)
         yield envelope("text_completion", response_id, served.name, [], created,
@@ -332,7 +332,7 @@ async def chat_events(served: ServedModel, body: ChatCompletionRequest, generati
                 yield chunk(choice.index, {}, None, choice.finish_reason)
             continue
         logprobs = chat_logprobs(delta.logprobs, served.token_text) if body.logprobs and delta.logprobs else None
-        if delta.text or logprobs or delta.finish_reason:
+        if delta.token_ids or delta.text or delta.finish_reason:  # a chunk per token, as for completions
             yield chunk(choice.index, {"content": delta.text} if delta.text else {}, logprobs, delta.finish_reason)
     if body.include_usage:
         completion_tokens = sum(len(c.token_ids) for c in generation.choices)
