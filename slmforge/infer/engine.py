@@ -10,8 +10,9 @@ lowest free slot, which keeps the running ones together.
 
 Each request has its own sampling settings and random generator, so its tokens do not depend on what else
 runs beside it (greedy output alone and among others is the same), and a callback that receives its text
-and tokens as they come (`Delta`). The engine is driven by `step()` (synchronous use, tests) or by its own
-thread (`start()`, the server); `submit` and `cancel` may be called from any thread.
+and tokens as they come (`Delta`). The engine is driven by `step()` (synchronous use, tests), or by `run()`
+on a thread given over to it (the server's main thread; `start()` makes one); `submit` and `cancel` may be
+called from any thread.
 """
 
 import threading
@@ -134,7 +135,7 @@ class Engine:
 
     def start(self) -> None:
         """Run the engine on a thread of its own until `stop()`."""
-        self.thread = threading.Thread(target=self._loop, name="slmforge-engine", daemon=True)
+        self.thread = threading.Thread(target=self.run, name="slmforge-engine", daemon=True)
         self.thread.start()
 
     def stop(self) -> None:
@@ -158,7 +159,11 @@ class Engine:
 
     # ---- scheduling ----
 
-    def _loop(self) -> None:
+    def run(self) -> None:
+        """Serve submitted requests on the calling thread until `stop()` is called from another one. torch's
+        CPU thread pool runs decoding steps measurably faster driven from the main thread than from a
+        thread started later (README, Serving), so `slmforge serve` runs the engine here, on its main
+        thread, and the HTTP server on another."""
         while True:
             with self.condition:
                 while not self.stopping and not self.waiting and all(r is None for r in self.slots):

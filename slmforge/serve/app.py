@@ -133,19 +133,23 @@ class ServedModel:
         return choices
 
 
-def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The app serving `engine`'s model; it starts the engine's thread on startup and stops it on shutdown.
+def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
+               run_engine: bool = True) -> FastAPI:
+    """The app serving `engine`'s model. With `run_engine`, it starts the engine on a thread at startup and
+    stops it at shutdown; without, the caller runs it (`slmforge serve`: on the main thread).
     With `api_key`, every route but /health and / wants `Authorization: Bearer <api_key>`."""
     served = ServedModel(engine, tokenizer, model_name)
     started = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine.start()
+        if run_engine:
+            engine.start()
         try:
             yield
         finally:
-            engine.stop()
+            if run_engine:
+                engine.stop()
 
     async def authorized(http: HTTPRequest) -> None:
         if not api_key:

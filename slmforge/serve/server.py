@@ -1,12 +1,14 @@
 """Running the app (`slmforge.serve.app`) for `slmforge serve RUN` on uvicorn.
 
 The socket is bound before uvicorn starts, so a port in use is one error line and `--port 0` (any free
-port) still prints the port it got; the line saying where the server listens comes once it answers.
+port) still prints the port it got; the line saying where the server listens comes once it answers. The
+engine runs on the main thread and uvicorn on another (see `Engine.run`).
 """
 
 from __future__ import annotations
 
 import socket
+import threading
 from pathlib import Path
 
 import uvicorn
@@ -46,11 +48,27 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: 
     tokenizer = loaded.tokenizer
     engine = Engine(loaded.model, tokenizer.eos_id, tokenizer.decode, max_batch=max_batch, max_queue=max_queue)
     name = model_name or str(path)
-    app = create_app(engine, tokenizer, name, api_key)
+    app = create_app(engine, tokenizer, name, api_key, run_engine=False)
     sock = listen(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
     ready = (f"slmforge: serving {name} ({loaded.checkpoint}, {weights} weights on {loaded.device}) at "
              f"http://{url_host}:{bound_port}/v1{' (API key required)' if api_key else ''}; Ctrl-C stops")
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
-    ReadyServer(config, ready).run(sockets=[sock])
+    server = ReadyServer(config, ready)
+
+    def http() -> None:
+        try:
+            server.run(sockets=[sock])
+        finally:  # the server ended (or failed to start): so does the engine
+            engine.stop()
+
+    # The engine decodes on this, the main thread (see Engine.run); HTTP runs on another. Ctrl-C reaches
+    # the main thread, which then lets the HTTP server finish before the CLI reports the interruption.
+    thread = threading.Thread(target=http, name="slmforge-http", daemon=True)
+    thread.start()
+    try:
+        engine.run()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
