@@ -13,7 +13,7 @@ TEST_STAMP := $(VENV)/.installed-test
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e .
 	touch $(STAMP)
 
 # What only the tests need, kept out of the quickstart: llama.cpp compiles for 5-15 minutes on 2 cores (once:
@@ -39,6 +39,7 @@ test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
+	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/bench_dense.py
 
 clean:
