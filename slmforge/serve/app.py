@@ -24,7 +24,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 
-from slmforge.infer.engine import Engine, Request
+from slmforge.infer.engine import Delta, Engine, Request
 from slmforge.infer.sampling import SamplingParams
 from slmforge.serve.chat_template import ChatTemplate, TemplateError
 from slmforge.serve.errors import APIError, install_error_handlers
@@ -278,6 +278,28 @@ def event_stream(events: AsyncIterator[dict]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+class StreamFailed(Exception):
+    """The engine failed on a streamed choice: the stream ends with `error`'s body."""
+
+    def __init__(self, error: APIError):
+        super().__init__(error)
+        self.error = error
+
+
+async def shown_deltas(generation: Generation, http: HTTPRequest) -> AsyncIterator[tuple[Choice, Delta]]:
+    """What a stream shows of each choice: a delta per token (its text may be empty while a character's
+    bytes are still to come) and the end; of a hidden choice (max_tokens 0) only the end."""
+    async for choice, delta in generation.deltas(http):
+        error = failure(choice.request) if delta.finish_reason else None
+        if error is not None:
+            raise StreamFailed(error)
+        if choice.hidden:
+            if delta.finish_reason:
+                yield choice, Delta("", [], [], choice.finish_reason)
+        elif delta.token_ids or delta.text or delta.finish_reason:
+            yield choice, delta
+
+
 async def completion_events(served: ServedModel, body: CompletionRequest, generation: Generation,
                             http: HTTPRequest, prompt_tokens: int) -> AsyncIterator[dict]:
     response_id, created = new_id("cmpl"), int(time.time())
@@ -294,20 +316,15 @@ async def completion_events(served: ServedModel, body: CompletionRequest, genera
             entries = (logprobs[c.index].entries(c.request.prompt_logprobs, c.echo_ids)
                        if body.logprobs is not None else None)
             yield chunk(c.index, c.echo_text, entries)
-    async for choice, delta in generation.deltas(http):
-        error = failure(choice.request) if delta.finish_reason else None
-        if error is not None:
-            yield error.body()
-            return
-        if choice.hidden:
-            if delta.finish_reason:
-                yield chunk(choice.index, "", None, choice.finish_reason)
-            continue
-        entries = None
-        if body.logprobs is not None and delta.token_ids:
-            entries = logprobs[choice.index].entries(delta.logprobs, delta.token_ids)
-        if delta.token_ids or delta.text or delta.finish_reason:  # a chunk per token, even while its text
-            yield chunk(choice.index, delta.text, entries, delta.finish_reason)  # waits for more bytes
+    try:
+        async for choice, delta in shown_deltas(generation, http):
+            entries = None
+            if body.logprobs is not None and delta.token_ids:
+                entries = logprobs[choice.index].entries(delta.logprobs, delta.token_ids)
+            yield chunk(choice.index, delta.text, entries, delta.finish_reason)
+    except StreamFailed as failed:
+        yield failed.error.body()
+        return
     if body.include_usage:
         completion_tokens = sum(len(c.token_ids) for c in generation.choices)
         yield envelope("text_completion", response_id, served.name, [], created,
@@ -326,18 +343,13 @@ async def chat_events(served: ServedModel, body: ChatCompletionRequest, generati
 
     for c in generation.choices:
         yield chunk(c.index, {"role": "assistant", "content": ""})
-    async for choice, delta in generation.deltas(http):
-        error = failure(choice.request) if delta.finish_reason else None
-        if error is not None:
-            yield error.body()
-            return
-        if choice.hidden:
-            if delta.finish_reason:
-                yield chunk(choice.index, {}, None, choice.finish_reason)
-            continue
-        logprobs = chat_logprobs(delta.logprobs, served.token_text) if body.logprobs and delta.logprobs else None
-        if delta.token_ids or delta.text or delta.finish_reason:  # a chunk per token, as for completions
+    try:
+        async for choice, delta in shown_deltas(generation, http):
+            logprobs = chat_logprobs(delta.logprobs, served.token_text) if body.logprobs and delta.logprobs else None
             yield chunk(choice.index, {"content": delta.text} if delta.text else {}, logprobs, delta.finish_reason)
+    except StreamFailed as failed:
+        yield failed.error.body()
+        return
     if body.include_usage:
         completion_tokens = sum(len(c.token_ids) for c in generation.choices)
         yield envelope("chat.completion.chunk", response_id, served.name, [], created,
