@@ -148,7 +148,8 @@ class Engine:
 
     def stats(self) -> dict:
         now = time.perf_counter()
-        window = [(t, n) for t, n in self.recent if t > now - 10]
+        with self.condition:  # the engine's thread appends to `recent` meanwhile
+            window = [(t, n) for t, n in self.recent if t > now - 10]
         span = now - window[0][0] if window else 0.0
         return {
             "waiting": len(self.waiting), "running": sum(r is not None for r in self.slots),
@@ -330,9 +331,10 @@ class Engine:
             if reason is not None:
                 self._finish(request, reason)
         self.generated_tokens += len(requests)
-        self.recent.append((now, len(requests)))
-        while self.recent and self.recent[0][0] < now - 10:
-            self.recent.popleft()
+        with self.condition:
+            self.recent.append((now, len(requests)))
+            while self.recent and self.recent[0][0] < now - 10:
+                self.recent.popleft()
 
     def _suppressed(self, request: Request) -> torch.Tensor | None:
         """EOS (and the stop tokens) while fewer than min_new_tokens were generated."""
