@@ -164,7 +164,7 @@ def cmd_sample(args) -> None:
     from slmforge.infer import SamplingParams, generate
     from slmforge.infer.load import load_for_decoding
 
-    loaded = load_for_decoding(args.run, device="cpu")
+    loaded = load_for_decoding(args.run, device="cpu", max_batch=len(args.prompt))
     model, tokenizer = loaded.model, loaded.tokenizer
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,

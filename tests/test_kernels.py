@@ -10,7 +10,7 @@ from helpers import random_checkpoint
 
 from slmforge.config import load_config
 from slmforge.infer import SamplingParams, generate_ids
-from slmforge.infer.kernels import Int8Linear, SplitLinear, prepare_for_decoding
+from slmforge.infer.kernels import Int8Linear, FloatLinear, prepare_for_decoding
 from slmforge.infer.load import load_for_decoding
 from slmforge.infer.speculative import speculative_greedy
 from slmforge.model import build_model
@@ -37,6 +37,8 @@ def test_prepared_models_give_the_plain_logits(preset):
     plain = cached_logits(model, tokens)
     fast = cached_logits(prepare_for_decoding(copy.deepcopy(model)), tokens)
     torch.testing.assert_close(fast, plain, atol=2e-5, rtol=0)
+    batched = cached_logits(prepare_for_decoding(copy.deepcopy(model), batch_rows=16), tokens)  # packed copies
+    torch.testing.assert_close(batched, plain, atol=2e-5, rtol=0)
     int8 = cached_logits(prepare_for_decoding(copy.deepcopy(model), "int8"), tokens)
     error = (int8 - plain).abs().max().item()
     assert 0 < error < 0.05 * plain.abs().max().item()  # quantised, and close
@@ -58,10 +60,11 @@ def test_float_fusion_shares_the_weights():
     assert sum(distinct.values()) == before * 4
 
 
-def test_split_linear_equals_linear():
+def test_every_float_kernel_equals_linear():
     torch.manual_seed(0)
     weight, bias = torch.randn(64, 48), torch.randn(64)
-    layer = SplitLinear(weight, bias)
+    layer = FloatLinear(weight, bias, packed=True)
+    assert layer.packed is not None  # oneDNN is in every CPU build of torch this project installs
     threads = torch.get_num_threads()
     try:
         for shape in [(1, 1, 48), (3, 1, 48), (2, 5, 48), (40, 48)]:
@@ -71,6 +74,7 @@ def test_split_linear_equals_linear():
                 torch.set_num_threads(n)
                 torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=0)  # whichever path was faster
                 torch.testing.assert_close(layer._split(x, n) + bias, expected, atol=1e-5, rtol=0)
+                torch.testing.assert_close(layer._packed(x), expected, atol=1e-5, rtol=0)
     finally:
         torch.set_num_threads(threads)
 
@@ -96,7 +100,7 @@ def test_load_for_decoding_holds_each_format(tmp_path):
                            ("int8", torch.float32)]:
         loaded = load_for_decoding(checkpoint, device="cpu", weights=weights)
         assert loaded.model.embed.weight.dtype == dtype
-        assert isinstance(loaded.model.layers[0].ffn.down_proj, Int8Linear if weights == "int8" else SplitLinear)
+        assert isinstance(loaded.model.layers[0].ffn.down_proj, Int8Linear if weights == "int8" else FloatLinear)
         outputs[weights] = generate_ids(loaded.model, [prompt], greedy)[0].token_ids
         assert len(outputs[weights]) == 8
     with pytest.raises(ValueError, match="weights must be one of"):

@@ -54,11 +54,11 @@ def load_model(path: str | Path, device: str = "auto", dtype: str | None = None,
 DECODE_WEIGHTS = ("fp32", "bf16", "f16", "int8")
 
 
-def load_for_decoding(path: str | Path, device: str = "auto", weights: str = "fp32",
+def load_for_decoding(path: str | Path, device: str = "auto", weights: str = "fp32", max_batch: int = 1,
                       warn: Callable[[str], None] = to_stderr) -> LoadedModel:
     """`load_model` for generation: weights held as `weights` ("fp32"; "bf16" or "f16": the whole model in
     that dtype, half the bytes per token; "int8": the per-token matrices in int8, see
-    `slmforge.infer.kernels`) and the model prepared for decoding."""
+    `slmforge.infer.kernels`) and the model prepared for decoding up to `max_batch` sequences at once."""
     from slmforge.infer.kernels import prepare_for_decoding
 
     if weights not in DECODE_WEIGHTS:
@@ -66,6 +66,6 @@ def load_for_decoding(path: str | Path, device: str = "auto", weights: str = "fp
     loaded = load_model(path, device=device, dtype="fp32", warn=warn)
     dtype = {"bf16": torch.bfloat16, "f16": torch.float16}.get(weights, torch.float32)
     loaded.model.to(dtype)
-    prepare_for_decoding(loaded.model, "int8" if weights == "int8" else "float")
+    prepare_for_decoding(loaded.model, "int8" if weights == "int8" else "float", batch_rows=max_batch)
     loaded.dtype, loaded.dtype_reason = dtype, f"weights={weights}"
     return loaded

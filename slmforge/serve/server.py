@@ -44,7 +44,7 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: 
           model_name: str | None = None) -> None:
     """Serve the checkpoint (or a run's newest) at `path` until interrupted; clients name it `model_name`
     (by default `path` as given, as vLLM names a model by its path)."""
-    loaded = load_for_decoding(path, device=device, weights=weights)
+    loaded = load_for_decoding(path, device=device, weights=weights, max_batch=max_batch)
     tokenizer = loaded.tokenizer
     engine = Engine(loaded.model, tokenizer.eos_id, tokenizer.decode, max_batch=max_batch, max_queue=max_queue)
     name = model_name or str(path)
