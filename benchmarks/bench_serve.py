@@ -132,7 +132,9 @@ def main() -> None:
             port = free_port()
             process = start(command(port), port, args.threads, Path(tmp) / f"server-{port}.log")
             try:
-                asyncio.run(load(f"http://127.0.0.1:{port}", "bench", 1, 4))  # warm-up
+                # warm-up: slmforge times its kernels at the first products of each batch size
+                for clients in (1, 2, 4, 8, args.max_batch):
+                    asyncio.run(load(f"http://127.0.0.1:{port}", "bench", clients, 4))
                 for clients in levels:
                     row = {"server": name, **asyncio.run(load(f"http://127.0.0.1:{port}", "bench", clients,
                                                               args.max_tokens))}

@@ -38,8 +38,8 @@ class FloatLinear(nn.Module):
       same products and sums;
     - oneDNN's product on a copy of the weight packed in its own layout (`packed=True`: twice the weight's
       memory), much faster than MKL for a handful of rows.
-    Which wins depends on the machine, the shape and the rows, so the first product of each kind is timed
-    with every candidate and the fastest kept (`KERNEL_CHOICES`)."""
+    Which wins depends on the machine, the shape and the rows, so the first product of each shape and
+    power-of-two bucket of rows is timed with every candidate and the fastest kept (`KERNEL_CHOICES`)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: bool = False):
         super().__init__()
@@ -53,8 +53,7 @@ class FloatLinear(nn.Module):
             return F.linear(x, weight, self.bias)
         out_features, in_features = weight.shape
         rows = x.numel() // in_features
-        key = (out_features, in_features, rows if rows <= 16 else 1 << (rows - 1).bit_length(), threads, x.dtype,
-               self.packed is not None)
+        key = (out_features, in_features, 1 << (rows - 1).bit_length(), threads, x.dtype, self.packed is not None)
         if key not in KERNEL_CHOICES:
             candidates = {"linear": lambda: F.linear(x, weight, self.bias)}
             if (threads > 1 and rows <= 16 and out_features % threads == 0 and weight.is_contiguous()
@@ -62,7 +61,7 @@ class FloatLinear(nn.Module):
                 candidates["split"] = lambda: self._split(x, threads)
             if self.packed is not None:
                 candidates["packed"] = lambda: self._packed(x)
-            KERNEL_CHOICES[key] = _fastest(candidates)
+            KERNEL_CHOICES[key] = _fastest(candidates, cold=weight.numel() * weight.element_size() >= 1 << 20)
         choice = KERNEL_CHOICES[key]
         if choice == "packed":
             return self._packed(x)
@@ -87,7 +86,7 @@ class FloatLinear(nn.Module):
         return y.permute(2, 0, 1).reshape(*x.shape[:-1], out_features)
 
 
-# (out, in, rows or their power-of-two bucket above 16, threads, dtype, packed) -> the fastest kernel
+# (out, in, rows rounded up to a power of two, threads, dtype, packed) -> the fastest kernel
 KERNEL_CHOICES: dict[tuple, str] = {}
 
 
@@ -101,18 +100,26 @@ def _pack(weight: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-def _fastest(candidates: dict) -> str:
-    """The name of the fastest of some calls, each timed as the best of 3 after one warm-up."""
+def _fastest(candidates: dict, cold: bool) -> str:
+    """The name of the fastest of some calls, each timed as the best of 3 after one warm-up. `cold`: the
+    caches are flushed before each timed call, because a decoding step reads each weight from memory once,
+    where repeated calls would find it in the cache and reward compute over streaming."""
+    flush = torch.empty(CACHE_FLUSH_BYTES // 4) if cold else None
     times = {}
     for name, call in candidates.items():
         call()
         best = float("inf")
         for _ in range(3):
+            if flush is not None:
+                flush.fill_(1.0)
             start = time.perf_counter()
             call()
             best = min(best, time.perf_counter() - start)
         times[name] = best
     return min(times, key=times.get)
+
+
+CACHE_FLUSH_BYTES = 128 << 20  # more than the last-level cache of the CPUs this runs on (32 MiB here)
 
 
 class Int8Linear(nn.Module):
