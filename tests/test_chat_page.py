@@ -7,10 +7,8 @@ API key shows the server's own error message in the page; a model without a chat
 400 message and the raw-completion toggle, which then streams through /v1/completions.
 
 Needs playwright (pip) and a Chromium (Debian's `chromium` package; `make test` installs it where apt-get is
-available); without them the tests skip. A run writes its screenshot to the test's tmp_path; to refresh the
-committed docs/chat-page.png:
-
-    SLMFORGE_CHAT_SCREENSHOT=docs/chat-page.png .venv/bin/python -m pytest tests/test_chat_page.py -k streams
+available); without them the tests skip. A run writes its screenshot to the test's tmp_path; the one in
+docs/ shows a real model and comes from docs/chat_page_screenshot.py.
 """
 
 import os
@@ -224,8 +222,6 @@ def test_page_streams_the_servers_answer(chat_server, page, tmp_path):
     shot = tmp_path / "chat-page.png"
     page.screenshot(path=str(shot))
     assert shot.stat().st_size > 10_000
-    if os.environ.get("SLMFORGE_CHAT_SCREENSHOT"):
-        shutil.copyfile(shot, ROOT / os.environ["SLMFORGE_CHAT_SCREENSHOT"])
 
     # Shift+Enter is a new line, not a send.
     page.get_by_label("Message").fill("two")
