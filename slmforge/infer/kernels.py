@@ -5,7 +5,7 @@ are read. `prepare_for_decoding` sets the projections the model parts leave open
 `Attention.qkv_proj`, `SwiGLU.gate_up_proj`, `MLAttention.input_proj`, the models' `head_proj`) and swaps the
 other linear layers the decoder runs per token, so that:
 - q/k/v, gate/up and MLA's two input projections are one matrix each (fewer, larger products). The fused
-  matrix is the only copy: the separate parameters become views of its rows.
+  matrix is the only plain copy: the separate parameters become views of its rows.
 - each float product runs the fastest of MKL, the weight split over the threads and oneDNN's packed
   weights (when decoding batches), as timed for its shape and number of rows (`FloatLinear`).
 - `weights="int8"` stores each matrix as int8 with a float scale per output row, and quantises each token
