@@ -23,10 +23,9 @@ class TaskResult:
     finished_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
 
-def eval_folder(run: str | Path, checkpoint: str | Path) -> Path:
-    """`RUN/eval/` for a run folder; for a checkpoint folder named directly, `<checkpoint>/eval/`."""
-    run = Path(run)
-    return (run if run.resolve() != Path(checkpoint).resolve() else Path(checkpoint)) / "eval"
+def eval_folder(run: str | Path) -> Path:
+    """`RUN/eval/`: beside the checkpoints of the run (or inside the checkpoint folder) the user named."""
+    return Path(run) / "eval"
 
 
 def save_result(folder: Path, result: TaskResult) -> Path:
