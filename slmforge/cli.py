@@ -261,6 +261,15 @@ def cmd_plot(args) -> None:
     print(plot_runs([Path(r) for r in args.runs], Path(args.out), x=args.x, log_x=args.log_x))
 
 
+def cmd_card(args) -> None:
+    from slmforge.card import CardOptions, write_card
+
+    options = CardOptions(license=args.license, name=args.name, datasets=args.dataset,
+                          power_watts=args.power_watts, carbon_intensity=args.carbon_intensity)
+    card, png = write_card(args.run, args.out, force=args.force, options=options)
+    print(f"{card}: model card" + (f", loss curves in {png}" if png else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="slmforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -387,6 +396,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="x axis: tokens seen, or optimizer steps counted across phases")
     p.add_argument("--log-x", action="store_true", help="logarithmic x axis")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("card", help="a model card (README.md) generated from what a run folder holds")
+    p.add_argument("run", help="run folder (its final checkpoint) or a checkpoint folder of its own (imported)")
+    p.add_argument("--out", help="Markdown file to write (default: RUN/README.md); the loss curves go beside it "
+                   "as <name>-loss.png")
+    p.add_argument("--force", action="store_true", help="replace an existing card and PNG")
+    p.add_argument("--license", default="apache-2.0", help="license in the front matter (default: apache-2.0)")
+    p.add_argument("--name", help="the card's title (default: the recipe's name, else the folder's)")
+    p.add_argument("--dataset", action="append", default=[], metavar="ID",
+                   help="a Hugging Face dataset id for the front matter; repeatable")
+    p.add_argument("--power-watts", type=number(float, 0, low_open=True), default=None,
+                   help="power drawn by the training hardware, for the energy estimate (default: 65 W for a CPU "
+                   "run, 300 W per GPU)")
+    p.add_argument("--carbon-intensity", type=number(float, 0), default=None, metavar="G_PER_KWH",
+                   help="gCO2 per kWh of the electricity used (default: 400, about the world average)")
+    p.set_defaults(func=cmd_card)
     return parser
 
 
