@@ -1,8 +1,9 @@
 """What a run folder may hold, what `--fresh` may delete, and what `--resume` may change.
 
 A run folder holds only what slmforge writes into it: config.json, metrics.jsonl, report.json, a recipe's
-data-meta.json, and one folder per phase holding step_N checkpoints. `--fresh` deletes a folder only when
-everything in it is of that kind, so pointing `--out` at a folder of the user's own files loses nothing.
+data-meta.json, one folder per phase holding step_N checkpoints, and `eval/` holding the <task>.json results
+of `slmforge eval --task`. `--fresh` deletes a folder only when everything in it is of that kind, so
+pointing `--out` at a folder of the user's own files loses nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from slmforge.train import distributed
 from slmforge.train.errors import TrainingError
 
 RUN_FILES = ("config.json", "metrics.jsonl", "report.json", "data-meta.json")
+EVAL_DIR = "eval"  # slmforge.eval.task.eval_folder
 # Settings that change no number of the training itself: they may differ between sessions of a run.
 BOOKKEEPING = {"init", "log_every", "eval_every", "save_every", "keep_last", "max_bad_steps", "rank_check_every",
                "rank_warn_ratio", "eval_batches", "compile", "threads"}
@@ -32,10 +34,18 @@ def foreign_entries(out: Path) -> list[str]:
             continue
         if entry.is_dir() and not entry.is_symlink() and _is_phase_folder(entry):
             continue
+        if entry.name == EVAL_DIR and entry.is_dir() and not entry.is_symlink() and _is_eval_folder(entry):
+            continue
         foreign.append(entry.name + ("/" if entry.is_dir() else ""))
     if (out / "config.json").is_file() and not _is_run_config(out / "config.json"):
         foreign.append("config.json (not a slmforge run config)")
     return foreign
+
+
+def _is_eval_folder(folder: Path) -> bool:
+    """`eval/` as `slmforge eval --task` writes it: <task>.json files (and a killed write's .<task>.json.tmp)."""
+    return all(p.is_file() and not p.is_symlink() and p.name.endswith((".json", ".json.tmp"))
+               for p in folder.iterdir())
 
 
 def _is_phase_folder(folder: Path) -> bool:
