@@ -14,12 +14,11 @@ continuation (lm-eval's length normalisation), which does not favour short choic
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from slmforge.eval.task import TaskResult
+from slmforge.eval.task import TaskResult, read_jsonl
 
 QUESTION_KEYS = ("question", "ctx", "context", "query")
 CHOICES_KEYS = ("choices", "endings", "options")
@@ -71,22 +70,7 @@ def _answer_index(answer, n: int, labels) -> int | None:
 
 
 def read_questions(path: str | Path) -> list[dict]:
-    questions = []
-    try:
-        lines = Path(path).read_bytes().splitlines()
-    except IsADirectoryError:
-        raise ValueError(f"--data {path} is a folder: give the .jsonl file") from None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}:{lineno}: not a JSON line ({e})") from None
-        questions.append(parse_row(row, f"{path}:{lineno}"))
-    if not questions:
-        raise ValueError(f"{path} holds no question")
-    return questions
+    return [parse_row(row, where) for where, row in read_jsonl(path)]
 
 
 @dataclass

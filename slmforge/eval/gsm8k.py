@@ -16,14 +16,13 @@ how many examples it kept.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from slmforge.eval.task import TaskResult
+from slmforge.eval.task import TaskResult, read_jsonl
 
 DEFAULT_SHOTS = 5  # as lm-evaluation-harness's gsm8k task (and the Open LLM Leaderboard)
 MAX_NEW_TOKENS = 256
@@ -68,22 +67,10 @@ def extract_answer(text: str) -> str | None:
 def read_rows(path: str | Path) -> list[dict]:
     """The {question, answer} rows of a GSM8K-style .jsonl; a malformed line is an error naming it."""
     rows = []
-    try:
-        lines = Path(path).read_bytes().splitlines()
-    except IsADirectoryError:
-        raise ValueError(f"{path} is a folder: give the .jsonl file") from None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}:{lineno}: not a JSON line ({e})") from None
+    for where, row in read_jsonl(path):
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("question", "answer")):
-            raise ValueError(f"{path}:{lineno}: expected an object with string fields question and answer")
+            raise ValueError(f"{where}: expected an object with string fields question and answer")
         rows.append({"question": row["question"], "answer": row["answer"]})
-    if not rows:
-        raise ValueError(f"{path} holds no question")
     return rows
 
 

@@ -36,6 +36,28 @@ def save_result(folder: Path, result: TaskResult) -> Path:
     return path
 
 
+def read_jsonl(path: str | Path) -> list[tuple[str, object]]:
+    """(where, row) for each non-empty line of a .jsonl file, `where` being "FILE:LINE" for messages; a line
+    that is not JSON is a ValueError naming it, and so is a file without rows."""
+    import json
+
+    try:
+        lines = Path(path).read_bytes().splitlines()
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder: give the .jsonl file") from None
+    rows = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"{path}:{lineno}", json.loads(line.decode("utf-8"))))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}:{lineno}: not a JSON line ({e})") from None
+    if not rows:
+        raise ValueError(f"{path} holds no question")
+    return rows
+
+
 def load_results(folder: Path) -> list[dict]:
     """Every result saved in an eval folder, by task name."""
     import json
