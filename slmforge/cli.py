@@ -118,6 +118,20 @@ def cmd_data_prepare(args) -> None:
                     val_sources=[parse_source(s) for s in args.val_source])
 
 
+def _recipe_card(run: Path) -> None:
+    """A recipe's run ends with its model card, RUN/README.md, refreshed on each run; a README.md the user
+    wrote there is left alone."""
+    from slmforge.card import write_card
+    from slmforge.train.run_folder import is_generated_card
+
+    readme = run / "README.md"
+    if readme.exists() and not is_generated_card(readme):
+        print(f"{readme} is not a card slmforge wrote: left as it is (slmforge card {run} --out FILE writes one)")
+        return
+    card, _ = write_card(run, force=True)
+    print(f"model card: {card}")
+
+
 def cmd_train(args) -> None:
     from slmforge.config import load_config
     from slmforge.train import train
@@ -132,6 +146,7 @@ def cmd_train(args) -> None:
 
         report = run_recipe(args.recipe, args.out, overrides, full=args.full, resume=args.resume, fresh=args.fresh,
                             allow_changes=args.allow_changes)
+        _recipe_card(Path(args.out))
     else:
         cfg = load_config(args.config or args.preset, overrides)
         report = train(cfg, args.out, resume=args.resume, fresh=args.fresh, allow_changes=args.allow_changes)
