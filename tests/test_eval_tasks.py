@@ -479,8 +479,15 @@ def test_tasks_on_an_imported_model(smollm2, tmp_path):
     assert ppl.settings["document_start_token"] == tokenizer.bos_id  # an imported model's text starts with BOS
     nothing = math.log2(tokenizer.vocab_size) * ppl.metrics["tokens"] / ppl.metrics["bytes"]
     assert ppl.metrics["bpb"] < 1.5 < nothing
-    samples, gsm8k = run_tasks(smollm2, ["samples", "gsm8k"], TaskOptions(
-        prompts=["The capital of Germany is"], temperature=0.0, max_new_tokens=3, limit=1, shots=0), quiet=True)
+    problem = tmp_path / "gsm8k-test.jsonl"  # one real GSM8K row, so the test needs no shared data folder
+    problem.write_text(json.dumps({
+        "question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+                    "How many clips did Natalia sell altogether in April and May?",
+        "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
+                  "altogether in April and May.\n#### 72"}) + "\n")
+    samples = run_tasks(smollm2, ["samples"], TaskOptions(prompts=["The capital of Germany is"], temperature=0.0,
+                                                         max_new_tokens=3), quiet=True)[0]
+    gsm8k = run_tasks(smollm2, ["gsm8k"], TaskOptions(data=str(problem), max_new_tokens=3, shots=0), quiet=True)[0]
     assert samples.records[0]["continuation"].startswith(" Berlin"), samples.records
     assert gsm8k.n_examples == 1 and gsm8k.records[0]["completion"]
     assert sorted(p.name for p in (smollm2 / "eval").iterdir()) == ["choice.json", "gsm8k.json", "ppl.json",
