@@ -8,16 +8,15 @@ from slmforge.eval.heldout import evaluate
 from slmforge.infer.load import load_model
 
 
-def evaluate_checkpoint(path, data: str | None = None, max_batches: int | None = None,
-                        seq_len: int | None = None, quiet: bool = False) -> dict:
-    """Evaluate the checkpoint at `path` (or a run's newest intact one) on the val split of `data`
-    (default: its own)."""
-    loaded = load_model(path, device="cpu")
-    cfg, tokenizer, checkpoint = loaded.config, loaded.tokenizer, loaded.checkpoint
+def evaluate_validation(loaded, data: str | None = None, max_batches: int | None = None,
+                        seq_len: int | None = None) -> tuple[dict, list, str, int]:
+    """(loss/ppl/bpb figures, the batches, the dataset path, the sequence length) of a loaded model on the val
+    split of `data` (default: the dataset its last phase trained on)."""
+    cfg, tokenizer = loaded.config, loaded.tokenizer
     phase = cfg.run_phases()[-1]
     data = data or phase.data.path
     if not data:
-        raise ValueError(f"{checkpoint} names no dataset (data.path); pass --data")
+        raise ValueError(f"{loaded.checkpoint} names no dataset (data.path); pass --data")
     dataset = TokenDataset(data)
     if dataset.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"{data} was tokenized with {dataset.vocab_size} tokens, the model's tokenizer has "
@@ -25,8 +24,18 @@ def evaluate_checkpoint(path, data: str | None = None, max_batches: int | None =
     seq_len = seq_len or phase.data.seq_len
     batches = val_batches(dataset, seq_len, phase.data.batch_size, max_batches or cfg.train.eval_batches,
                           weights=phase.data.weights or None)
-    result = evaluate(loaded.model, batches, tokenizer.token_byte_lengths(), loaded.autocast())
-    result.update(checkpoint=str(checkpoint), data=str(data), tokens=sum(y.numel() for _, y in batches))
+    figures = evaluate(loaded.model, batches, tokenizer.token_byte_lengths(), loaded.autocast())
+    return figures, batches, str(data), seq_len
+
+
+def evaluate_checkpoint(path, data: str | None = None, max_batches: int | None = None,
+                        seq_len: int | None = None, quiet: bool = False) -> dict:
+    """Evaluate the checkpoint at `path` (or a run's newest intact one) on the val split of `data`
+    (default: its own)."""
+    loaded = load_model(path, device="cpu")
+    result, batches, data, _ = evaluate_validation(loaded, data, max_batches, seq_len)
+    checkpoint = loaded.checkpoint
+    result.update(checkpoint=str(checkpoint), data=data, tokens=sum(y.numel() for _, y in batches))
     if not quiet:
         print(f"{checkpoint}: {result['tokens']:,} val tokens of {data}")
         print(f"  val loss {result['loss']:.4f} nats/token | perplexity {result['ppl']:.2f} | "

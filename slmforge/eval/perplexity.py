@@ -142,29 +142,17 @@ def run(loaded, plan: PplPlan) -> TaskResult:
 
 def score_validation(loaded, plan: PplPlan) -> TaskResult:
     """The figures `slmforge eval` prints without a task, from the validation split."""
-    from slmforge.data.loader import TokenDataset, val_batches
-    from slmforge.eval.heldout import evaluate
+    from slmforge.eval import evaluate_validation
 
-    cfg, tokenizer = loaded.config, loaded.tokenizer
-    phase = cfg.run_phases()[-1]
-    data = plan.data or phase.data.path
-    if not data:
-        raise ValueError(f"{loaded.checkpoint} names no dataset (data.path): pass --data or --source")
-    dataset = TokenDataset(data)
-    if dataset.vocab_size != tokenizer.vocab_size:
-        raise ValueError(f"{data} was tokenized with {dataset.vocab_size} tokens, the model's tokenizer has "
-                         f"{tokenizer.vocab_size}: prepare it with this run's tokenizer")
-    seq_len = plan.seq_len or phase.data.seq_len
-    max_batches = plan.batches or cfg.train.eval_batches
-    batches = val_batches(dataset, seq_len, phase.data.batch_size, max_batches, weights=phase.data.weights or None)
-    figures = evaluate(loaded.model, batches, tokenizer.token_byte_lengths(), loaded.autocast())
+    figures, batches, data, seq_len = evaluate_validation(loaded, plan.data, plan.batches, plan.seq_len)
+    batch_size = loaded.config.run_phases()[-1].data.batch_size
     tokens = sum(y.numel() for _, y in batches)
     return TaskResult(
         task="ppl",
         metrics={"bpb": figures["bpb"], "loss": figures["loss"], "ppl": figures["ppl"], "tokens": tokens},
         n_examples=sum(y.shape[0] for _, y in batches),
-        settings={"data": str(data), "split": "val", "seq_len": seq_len, "batches": len(batches),
-                  "batch_size": phase.data.batch_size, "dtype": str(loaded.dtype).removeprefix("torch.")},
+        settings={"data": data, "split": "val", "seq_len": seq_len, "batches": len(batches),
+                  "batch_size": batch_size, "dtype": str(loaded.dtype).removeprefix("torch.")},
     )
 
 
