@@ -229,15 +229,14 @@ class Engine:
     def _prefill(self, candidates: list[Request]) -> None:
         """The next chunk of as many waiting prompts as fit `prefill_chunk` (rows x width), one forward."""
         group: list[Request] = []
+        width = 0
         for request in candidates:
-            trial = group + [request]
-            rows = trial[-1].slot - trial[0].slot + 1
-            width = max(min(len(r.prompt_ids) - r.prefilled, self.prefill_chunk) for r in trial)
-            if group and rows * width > self.prefill_chunk:
+            wider = max(width, min(len(request.prompt_ids) - request.prefilled, self.prefill_chunk))
+            if group and (request.slot - group[0].slot + 1) * wider > self.prefill_chunk:
                 break
-            group = trial
+            group.append(request)
+            width = wider
         first, last = group[0].slot, group[-1].slot
-        width = max(min(len(r.prompt_ids) - r.prefilled, self.prefill_chunk) for r in group)
         # rows end together at the last column (padding before them, position -1), so the last column's
         # logits are every row's next-token logits
         tokens = torch.zeros(last - first + 1, width, dtype=torch.long)
