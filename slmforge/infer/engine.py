@@ -75,6 +75,7 @@ class Request:
         self.prefilled = 0  # prompt tokens already in the cache
         self.stream: TextStream | None = None
         self.generator: torch.Generator | None = None
+        self.ending_ids: torch.Tensor | None = None  # EOS and stop tokens, held back before min_new_tokens
 
 
 class Engine:
@@ -339,8 +340,10 @@ class Engine:
         """EOS (and the stop tokens) while fewer than min_new_tokens were generated."""
         if len(request.output_ids) >= request.params.min_new_tokens:
             return None
-        ids = [t for t in [self.eos_id, *request.params.stop_token_ids] if t is not None]
-        return torch.tensor(ids, device=self.device) if ids else None
+        if request.ending_ids is None:  # made once per request, not at every step
+            ids = [t for t in [self.eos_id, *request.params.stop_token_ids] if t is not None]
+            request.ending_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        return request.ending_ids if request.ending_ids.numel() else None
 
     def _mark_seen(self, slot: int, ids: list[int], reset: bool = False) -> None:
         if self.seen is None:
