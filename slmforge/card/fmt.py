@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
 import re
+import site
+import sysconfig
+from pathlib import Path
 
 
 def count(n: float) -> str:
@@ -97,3 +101,25 @@ def table(header: list[str], rows: list[list[str]], align: str = "") -> str:
 def properties(rows: list[tuple[str, str]]) -> str:
     """A two-column property | value table."""
     return table(["Property", "Value"], [[k, v] for k, v in rows])
+
+
+def _local_prefixes() -> list[tuple[str, str]]:
+    """Absolute folders of this machine and how a card names them, the most specific first."""
+    named = [(p, "<site-packages>") for p in {*site.getsitepackages(), sysconfig.get_paths()["purelib"]}]
+    named += [(sysconfig.get_paths()["stdlib"], "<python-stdlib>")]
+    cache = os.environ.get("SLMFORGE_CACHE")
+    if cache:
+        named.append((cache, "$SLMFORGE_CACHE"))
+    named += [(os.getcwd(), "."), (str(Path.home()), "~")]
+    resolved = [(str(Path(p).resolve()), name) for p, name in named] + named
+    return sorted({(p.rstrip("/"), n) for p, n in resolved if len(p.rstrip("/")) > 1}, key=lambda x: -len(x[0]))
+
+
+def public_paths(text: str) -> str:
+    """`text` with this machine's absolute folders named as a reader elsewhere can read them: the
+    working folder as relative paths, site-packages, the Python standard library, the home folder as ~."""
+    for prefix, name in _local_prefixes():
+        if name == ".":
+            text = re.sub(re.escape(prefix) + "/", "", text)
+        text = re.sub(re.escape(prefix) + r"(?![\w.-])", name, text)
+    return text
