@@ -267,7 +267,8 @@ def dataset(tmp_path):
 
 
 def test_train_batches_shift_and_contiguity(dataset):
-    x, y = TrainBatches(dataset, seq_len=16, batch_size=4, seed=0).get(step=3, micro=1)
+    batch = TrainBatches(dataset, seq_len=16, batch_size=4, seed=0).get(step=3, micro=1)
+    x, y = batch.tokens, batch.targets
     assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])
     assert torch.equal(y - x, torch.ones_like(x))  # windows are contiguous runs of one source
@@ -276,28 +277,28 @@ def test_train_batches_shift_and_contiguity(dataset):
 def test_train_batches_deterministic_and_stateless(dataset):
     a = TrainBatches(dataset, 16, 4, seed=7)
     b = TrainBatches(dataset, 16, 4, seed=7)
-    assert torch.equal(a.get(10, 2)[0], b.get(10, 2)[0])  # a fresh loader resumes with nothing but the step
-    assert not torch.equal(a.get(10, 2)[0], a.get(11, 2)[0])
-    assert not torch.equal(a.get(10, 2)[0], a.get(10, 3)[0])
-    assert not torch.equal(a.get(10, 2)[0], TrainBatches(dataset, 16, 4, seed=8).get(10, 2)[0])
+    assert torch.equal(a.get(10, 2).tokens, b.get(10, 2).tokens)  # a fresh loader resumes with nothing but the step
+    assert not torch.equal(a.get(10, 2).tokens, a.get(11, 2).tokens)
+    assert not torch.equal(a.get(10, 2).tokens, a.get(10, 3).tokens)
+    assert not torch.equal(a.get(10, 2).tokens, TrainBatches(dataset, 16, 4, seed=8).get(10, 2).tokens)
 
 
 def test_two_ranks_see_the_rows_of_one_rank(dataset):
     one = TrainBatches(dataset, 16, 8, seed=1)
     ranks = [TrainBatches(dataset, 16, 4, seed=1, rank=r, world_size=2) for r in range(2)]
     for step, micro in [(0, 0), (5, 1), (123, 3)]:
-        x, y = one.get(step, micro)
-        assert torch.equal(x, torch.cat([r.get(step, micro)[0] for r in ranks]))
-        assert torch.equal(y, torch.cat([r.get(step, micro)[1] for r in ranks]))
+        x, y = one.get(step, micro).tokens, one.get(step, micro).targets
+        assert torch.equal(x, torch.cat([r.get(step, micro).tokens for r in ranks]))
+        assert torch.equal(y, torch.cat([r.get(step, micro).targets for r in ranks]))
 
 
 def test_mixture_weights(dataset):
-    rows = torch.cat([TrainBatches(dataset, 16, 64, seed=0).get(s)[0] for s in range(40)])
+    rows = torch.cat([TrainBatches(dataset, 16, 64, seed=0).get(s).tokens for s in range(40)])
     share_a = (rows[:, 0] < 10000).float().mean().item()
     assert abs(share_a - 0.75) < 0.04  # weights 3:1 from meta.json, 2,560 rows
-    only_a = torch.cat([TrainBatches(dataset, 16, 64, seed=0, weights={"b": 0}).get(s)[0] for s in range(5)])
+    only_a = torch.cat([TrainBatches(dataset, 16, 64, seed=0, weights={"b": 0}).get(s).tokens for s in range(5)])
     assert only_a.max().item() < 6000 and only_a.min().item() >= 1000
-    only_b = TrainBatches(dataset, 16, 64, seed=0, weights={"a": 0.0, "b": 2.0}).get(0)[0]
+    only_b = TrainBatches(dataset, 16, 64, seed=0, weights={"a": 0.0, "b": 2.0}).get(0).tokens
     assert only_b.min().item() >= 10000
     with pytest.raises(ValueError, match=r"unknown sources \['code'\]"):
         TrainBatches(dataset, 16, 4, seed=0, weights={"code": 1.0})
@@ -316,15 +317,15 @@ def test_short_sources_are_left_out(dataset):
 def test_val_batches_fixed_and_non_overlapping(dataset):
     batches = val_batches(dataset, seq_len=10, batch_size=4, max_batches=100)
     again = val_batches(dataset, seq_len=10, batch_size=4, max_batches=100)
-    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(batches, again))
-    x = torch.cat([b[0] for b in batches])
-    y = torch.cat([b[1] for b in batches])
+    assert all(torch.equal(a.tokens, b.tokens) and torch.equal(a.targets, b.targets) for a, b in zip(batches, again))
+    x = torch.cat([b.tokens for b in batches])
+    y = torch.cat([b.targets for b in batches])
     assert torch.equal(y - x, torch.ones_like(x))
     # All 29 + 19 windows of stride 10 fit in 100 batches: each taken once, the last batch short.
     starts = sorted(x[:, 0].tolist())
     assert starts == list(range(100, 390, 10)) + list(range(500, 690, 10))
-    assert [len(b[0]) for b in batches] == [4] * 12
-    few = torch.cat([b[0] for b in val_batches(dataset, 10, 4, max_batches=2)])
+    assert [len(b) for b in batches] == [4] * 12
+    few = torch.cat([b.tokens for b in val_batches(dataset, 10, 4, max_batches=2)])
     assert (few[:, 0] < 500).sum().item() == 6  # 3:1 mixture of 8 rows
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="larger val_fraction"):
         val_batches(dataset, seq_len=400, batch_size=4, max_batches=1)
@@ -346,7 +347,7 @@ def test_prepared_dataset_feeds_the_loader(corpus, tmp_path):
     prepare_dataset([Source("files", str(corpus))], tok, tmp_path / "ds", val_fraction=0.5, progress=False)
     ds = TokenDataset(tmp_path / "ds")
     batches = TrainBatches(ds, seq_len=8, batch_size=2, seed=0)
-    x, y = batches.get(0)
+    x, y = batches.get(0).tokens, batches.get(0).targets
     start = batches.windows(0)[1][0]
     assert x[0].tolist() == ds.train["files"][start : start + 8].tolist()
     assert y[0].tolist() == ds.train["files"][start + 1 : start + 9].tolist()

@@ -10,6 +10,8 @@ from helpers import crash_then_resume, make_dataset, sentences
 from safetensors.torch import load_file
 
 import slmforge.train.trainer as trainer_module
+from slmforge.data.batch import Batch
+from slmforge.train.objective import LanguageModeling
 from slmforge import hardware
 from slmforge.config import ConfigError, load_config
 from slmforge.eval.heldout import evaluate
@@ -63,7 +65,7 @@ def test_evaluate_bits_per_byte():
             return self.logits.expand(*x.shape, 6), {}
 
     byte_lengths = [1, 2, 3, 0, 1, 1]
-    batches = [(torch.zeros(2, 3, dtype=torch.long), torch.tensor([[0, 1, 2], [3, 4, 5]]))]
+    batches = [Batch(torch.zeros(2, 3, dtype=torch.long), torch.tensor([[0, 1, 2], [3, 4, 5]]))]
     result = evaluate(Fixed(), batches, byte_lengths)
     nll = -torch.log_softmax(torch.linspace(-1, 1, 6), -1)
     assert result["loss"] == pytest.approx(nll.mean().item(), rel=1e-6)
@@ -150,13 +152,13 @@ def test_occupied_run_folder(tmp_path, data):
 def _poison_loss(monkeypatch, bad_steps):
     """Make the loss NaN on the given (0-based) steps, counted over calls to the loss."""
     calls = iter(range(10**6))
-    real = trainer_module.lm_loss
+    real = LanguageModeling.__call__
 
-    def lm_loss(*args, **kwargs):
-        total, parts = real(*args, **kwargs)
-        return (total * math.nan if next(calls) in bad_steps else total), parts
+    def poisoned(self, model, batch):
+        total, parts, aux = real(self, model, batch)
+        return (total * math.nan if next(calls) in bad_steps else total), parts, aux
 
-    monkeypatch.setattr(trainer_module, "lm_loss", lm_loss)
+    monkeypatch.setattr(LanguageModeling, "__call__", poisoned)
 
 
 def test_nonfinite_step_is_skipped(tmp_path, data, monkeypatch):

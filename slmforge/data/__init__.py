@@ -1,5 +1,6 @@
 """Data: sources of documents, token shards on disk, and the batches a trainer reads."""
 
+from slmforge.data.batch import IGNORE, Batch
 from slmforge.data.loader import TokenDataset, TrainBatches, val_batches
 from slmforge.data.prepare import format_report, prepare_dataset
 from slmforge.data.sources import (
@@ -11,6 +12,8 @@ from slmforge.data.sources import (
 )
 
 __all__ = [
+    "IGNORE",
+    "Batch",
     "Source",
     "SourceStats",
     "TokenDataset",

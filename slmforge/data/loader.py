@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slmforge.data.batch import Batch
 from slmforge.data.prepare import FORMAT_VERSION
 
 
@@ -141,13 +142,13 @@ class TrainBatches:
         start = (u[:, 1] * self._n_starts[source]).astype(np.int64)
         return source, start
 
-    def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs x and targets y (x shifted left by one), int64 [batch_size, seq_len]."""
+    def get(self, step: int, micro: int = 0) -> Batch:
+        """Tokens and their targets (shifted left by one), int64 [batch_size, seq_len]."""
         rows = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)
         for i, (s, start) in enumerate(zip(*self.windows(step, micro))):
             rows[i] = self.arrays[s][start : start + self.seq_len + 1]
         rows = torch.from_numpy(rows)
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        return Batch(rows[:, :-1].contiguous(), rows[:, 1:].contiguous())
 
 
 def val_batches(
@@ -156,8 +157,8 @@ def val_batches(
     batch_size: int,
     max_batches: int,
     weights: dict[str, float] | None = None,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A fixed validation set: up to `max_batches` batches of (x, y) from the val splits, the same every call.
+) -> list[Batch]:
+    """A fixed validation set: up to `max_batches` batches from the val splits, the same every call.
 
     Windows of seq_len+1 tokens with stride seq_len (no target is scored twice). The sources share the
     rows in proportion to their mixture weights (a source out of windows leaves its share to the others),
@@ -191,7 +192,7 @@ def val_batches(
         rows[i] = dataset.val[name][start : start + seq_len + 1]
     rows = torch.from_numpy(rows)
     return [
-        (rows[i : i + batch_size, :-1].contiguous(), rows[i : i + batch_size, 1:].contiguous())
+        Batch(rows[i : i + batch_size, :-1].contiguous(), rows[i : i + batch_size, 1:].contiguous())
         for i in range(0, len(rows), batch_size)
     ]
 

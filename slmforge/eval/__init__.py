@@ -35,7 +35,7 @@ def evaluate_checkpoint(path, data: str | None = None, max_batches: int | None =
     loaded = load_model(path, device="cpu")
     result, batches, data, _ = evaluate_validation(loaded, data, max_batches, seq_len)
     checkpoint = loaded.checkpoint
-    result.update(checkpoint=str(checkpoint), data=data, tokens=sum(y.numel() for _, y in batches))
+    result.update(checkpoint=str(checkpoint), data=data, tokens=sum(b.scored for b in batches))
     if not quiet:
         print(f"{checkpoint}: {result['tokens']:,} val tokens of {data}")
         print(f"  val loss {result['loss']:.4f} nats/token | perplexity {result['ppl']:.2f} | "

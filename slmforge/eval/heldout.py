@@ -12,10 +12,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from slmforge.data.batch import IGNORE
+
 
 @torch.no_grad()
 def eval_sums(model, batches, token_byte_lengths, autocast_ctx=None) -> torch.Tensor:
-    """float64 [3]: (sum of CE nats, target tokens, target bytes) over `batches` of (x, y).
+    """float64 [3]: (sum of CE nats, scored target tokens, their bytes) over `batches` (`Batch`es; targets
+    marked IGNORE are not scored).
 
     Sums, not means, so processes of a distributed run can add theirs before dividing.
     """
@@ -24,14 +27,16 @@ def eval_sums(model, batches, token_byte_lengths, autocast_ctx=None) -> torch.Te
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
+    for batch in batches:
+        batch = batch.to(device)
         with autocast_ctx or contextlib.nullcontext():
-            logits, _ = model(x)
-        nats = F.cross_entropy(logits.float().flatten(0, -2), y.reshape(-1), reduction="sum")
+            logits, _ = model(batch.tokens, **batch.model_inputs())
+        y = batch.targets.reshape(-1)
+        nats = F.cross_entropy(logits.float().flatten(0, -2), y, reduction="sum", ignore_index=IGNORE)
+        scored = y[y != IGNORE]
         sums[0] += nats.double()
-        sums[1] += y.numel()
-        sums[2] += byte_lengths[y].sum()
+        sums[1] += scored.numel()
+        sums[2] += byte_lengths[scored].sum()
     model.train(was_training)
     return sums
 
@@ -45,7 +50,7 @@ def figures(sums: torch.Tensor) -> dict:
 
 
 def evaluate(model, batches, token_byte_lengths, autocast_ctx=None) -> dict:
-    """dict(loss, ppl, bpb) of `model` on `batches` [(x, y), ...].
+    """dict(loss, ppl, bpb) of `model` on `batches` (a list of `Batch`).
 
     token_byte_lengths: bytes per token id (`Tokenizer.token_byte_lengths()`); autocast_ctx: a reusable
     context entered around each forward pass (`slmforge.hardware.autocast(device, dtype)`), None for none.

@@ -146,11 +146,11 @@ def score_validation(loaded, plan: PplPlan) -> TaskResult:
 
     figures, batches, data, seq_len = evaluate_validation(loaded, plan.data, plan.batches, plan.seq_len)
     batch_size = loaded.config.run_phases()[-1].data.batch_size
-    tokens = sum(y.numel() for _, y in batches)
+    tokens = sum(b.scored for b in batches)
     return TaskResult(
         task="ppl",
         metrics={"bpb": figures["bpb"], "loss": figures["loss"], "ppl": figures["ppl"], "tokens": tokens},
-        n_examples=sum(y.shape[0] for _, y in batches),
+        n_examples=sum(len(b) for b in batches),
         settings={"data": data, "split": "val", "seq_len": seq_len, "batches": len(batches),
                   "batch_size": batch_size, "dtype": str(loaded.dtype).removeprefix("torch.")},
     )

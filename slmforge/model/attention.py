@@ -57,8 +57,22 @@ def cache_mask(masks: dict | None, q_pos: torch.Tensor, k_pos: torch.Tensor, win
     return memo_mask(masks, ("cache", window, capacity, k_pos.shape[1]), build)
 
 
+def document_mask(documents: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[B, 1, T, T] boolean mask of packed rows: query i sees key j of its own document (documents [B, T])
+    with j <= i, and i - j < window when the layer slides."""
+    i = torch.arange(documents.shape[1], device=documents.device)
+    delta = i[:, None] - i[None, :]
+    allowed = delta >= 0 if window is None else (delta >= 0) & (delta < window)
+    return (allowed & (documents[:, :, None] == documents[:, None, :])).unsqueeze(1)
+
+
 def window_mask(masks: dict | None, seq_len: int, window: int | None, device) -> torch.Tensor | None:
-    """The [T, T] sliding-window mask of an uncached forward, or None where plain causal attention serves."""
+    """The mask of an uncached forward over the first `seq_len` tokens: per document where the forward packs
+    several (`masks["documents"]`, set by the model), else the [T, T] sliding-window mask, or None where
+    plain causal attention serves."""
+    documents = None if masks is None else masks.get("documents")
+    if documents is not None:
+        return memo_mask(masks, ("documents", window, seq_len), lambda: document_mask(documents[:, :seq_len], window))
     if window is None or window >= seq_len:
         return None
     return memo_mask(masks, ("sliding", window, seq_len), lambda: sliding_window_mask(seq_len, window, device))

@@ -123,11 +123,14 @@ class Transformer(nn.Module):
                        rollback_margin=rollback_margin)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                last_only: bool = False, return_hidden: bool = False) -> tuple[torch.Tensor, dict]:
+                last_only: bool = False, return_hidden: bool = False,
+                documents: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """tokens [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only), aux.
 
         positions [B, T] are absolute positions (-1 marks padding); by default 0..T-1, or, with a cache,
-        the continuation of each cached sequence. aux holds "mtp_logits" (in training mode without a
+        the continuation of each cached sequence. documents [B, T] (no cache) packs several sequences in a
+        row: a token attends only to earlier tokens of its own document, and positions count from 0 in
+        each. aux holds "mtp_logits" (in training mode without a
         cache: a list, depth k's [B, T - k, V] predicting token i + k + 1), "expert_load"
         [n_moe_layers, n_experts], "expert_dropped" (routed pairs not computed: 0) and "balance_loss" for
         MoE models, and "hidden" (the final hidden state
@@ -140,8 +143,12 @@ class Transformer(nn.Module):
             cache.begin(positions)
         elif T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-        rope = self.rope.full_tables(positions, T)
         masks = {}  # built by the first layer of each attention kind, reused by the others
+        if documents is not None:
+            if cache is not None or positions is None:
+                raise ValueError("packed documents need their positions and no cache")
+            masks["documents"] = documents
+        rope = self.rope.full_tables(positions, T)
         moe_stats: list[dict] = []
         res = self.residual
         state = res.begin(self.embed(tokens))

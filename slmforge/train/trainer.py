@@ -58,7 +58,7 @@ from slmforge.optim import (
 from slmforge.tokenizer import Tokenizer
 from slmforge.train import distributed
 from slmforge.train.errors import TrainingError
-from slmforge.train.loss import lm_loss
+from slmforge.train.objective import LanguageModeling
 from slmforge.train.metrics import MetricsLog, json_safe, load_metrics, log
 from slmforge.train.report import run_report
 from slmforge.train.run_folder import check_run_dir, config_changes, prepare_run_dir
@@ -97,6 +97,7 @@ class Trainer:
         self.model = build_model(cfg.model).to(d.device)
         self.ddp = distributed.wrap(self.model, d)
         self.train_model = torch.compile(self.ddp) if cfg.train.compile else self.ddp
+        self.objective = LanguageModeling(cfg.train.z_loss, cfg.train.mtp_weight)
         self.byte_lengths = tokenizer.token_byte_lengths()
         self.metrics = MetricsLog(out / "metrics.jsonl", d.is_main)
         self.progress = Progress()
@@ -168,11 +169,10 @@ class Trainer:
         expert_load = None  # [n_moe_layers, n_experts] tokens routed over the step (MoE models)
         dropped = 0
         for micro in range(accum):
-            x, y = (t.to(self.d.device, non_blocking=True) for t in batches.get(step, micro))
+            batch = batches.get(step, micro).to(self.d.device, non_blocking=True)
             with distributed.grad_sync(self.ddp, sync=micro == accum - 1):
                 with self.autocast:
-                    logits, aux = self.train_model(x)
-                loss, parts = lm_loss(logits, y, aux, self.cfg.train.z_loss, self.cfg.train.mtp_weight)
+                    loss, parts, aux = self.objective(self.train_model, batch)
                 (loss / accum).backward()
             for name, value in {"loss": loss.detach(), **parts}.items():
                 totals[name] = totals.get(name, 0) + value / accum
@@ -239,7 +239,7 @@ class Trainer:
         b, rank = phase.data.batch_size, self.d.rank
         val = val_batches(dataset, phase.data.seq_len, b * self.d.world_size, self.cfg.train.eval_batches,
                           phase.data.weights or None)
-        return [(x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b]) for x, y in val if len(x) > rank * b]
+        return [batch.rows(rank * b, (rank + 1) * b) for batch in val if len(batch) > rank * b]
 
     def evaluate(self, phase: PhaseConfig, val: list) -> dict:
         """Validation figures over all ranks, each evaluating its rows of the validation set."""
