@@ -232,7 +232,7 @@ def test_checkpoint_without_training_record(tmp_path, capsys):
 def test_a_recipe_run_keeps_its_card_fresh_and_the_users_readme(tiny_run, tmp_path, capsys):
     """What `train --recipe` does at its end: writes RUN/README.md, refreshes it on the next run, and leaves
     a README.md of the user's alone; the card counts as the run folder's own for --fresh."""
-    from slmforge.cli import _recipe_card
+    from slmforge.cli.training import _recipe_card
     from slmforge.train.run_folder import foreign_entries
 
     run = tmp_path / "run"

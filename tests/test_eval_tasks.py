@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from helpers import random_checkpoint, word_dataset
 from slmforge.checkpoint import save_checkpoint
-from slmforge.cli import EVAL_TASKS, main
+from slmforge.cli import main
+from slmforge.cli.evaluation import EVAL_TASKS
 from slmforge.config import load_config
 from slmforge.data.sources import Source
 from slmforge.eval import evaluate_checkpoint

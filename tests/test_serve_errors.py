@@ -175,7 +175,7 @@ def test_serve_without_the_extra_says_what_to_install(tmp_path):
 
 def test_a_template_that_reaches_for_python_internals_is_refused():
     """Chat templates come with downloaded checkpoints: they render in Jinja's immutable sandbox."""
-    from slmforge.serve.chat_template import ChatTemplate, TemplateError
+    from slmforge.tokenizer.chat_template import ChatTemplate, TemplateError
     from slmforge.tokenizer import byte_tokenizer
 
     escape = ChatTemplate("{{ ''.__class__.__mro__[1].__subclasses__() }}", byte_tokenizer())

@@ -26,7 +26,7 @@ from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 
 from slmforge.infer.engine import Delta, Engine, Request
 from slmforge.infer.sampling import SamplingParams
-from slmforge.serve.chat_template import ChatTemplate, TemplateError
+from slmforge.tokenizer.chat_template import ChatTemplate, TemplateError
 from slmforge.serve.errors import APIError, install_error_handlers
 from slmforge.serve.generation import Choice, Generation, failure
 from slmforge.serve.protocol import (

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import tokenizers
-from tokenizers import pre_tokenizers
+from tokenizers import AddedToken, pre_tokenizers
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 CHAT_MARKERS = ["<|im_start|>", "<|im_end|>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -112,6 +112,28 @@ class Tokenizer:
             "tokenizer.json": self.hf.to_str(pretty=True),
             "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
         })
+
+    def with_special_tokens(self, names: list[str], chat_template: str | None = None) -> Tokenizer:
+        """A copy with the `names` it lacks added as special tokens after its last id (every existing id keeps
+        its meaning, so a model trained with this tokenizer only needs new embedding rows), and
+        `chat_template` when given."""
+        hf = tokenizers.Tokenizer.from_str(self.hf.to_str())
+        missing = [n for n in dict.fromkeys(names) if n not in self.special_tokens]
+        if missing and any(hf.token_to_id(n) is not None for n in missing):
+            taken = [n for n in missing if hf.token_to_id(n) is not None]
+            raise ValueError(f"the tokenizer spells {taken} as ordinary tokens; they cannot become special tokens")
+        hf.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in missing])
+        names_of = {i: t for t, i in self.special_tokens.items()}
+        pad = names_of.get(self.pad_id)
+        return Tokenizer(hf, names_of[self.bos_id], names_of[self.eos_id], pad,
+                         chat_template if chat_template is not None else self.chat_template)
+
+    def extends(self, other: Tokenizer) -> bool:
+        """Whether this tokenizer is `other` with tokens added after its last id (ids below keep their meaning)."""
+        if self.vocab_size < other.vocab_size:
+            return False
+        mine, theirs = self.hf.get_vocab(with_added_tokens=True), other.hf.get_vocab(with_added_tokens=True)
+        return all(mine.get(token) == i for token, i in theirs.items())
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id})"

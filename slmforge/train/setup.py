@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from slmforge.checkpoint.folder import find_checkpoint, read_config
+from slmforge.checkpoint.folder import find_checkpoint, read_config, read_tokenizer
 from slmforge.checkpoint.integrity import CheckpointError
 from slmforge.config import ConfigError, RunConfig, check_vocab, from_dict
 from slmforge.data.loader import TokenDataset
@@ -20,8 +20,9 @@ def phase_key(cfg: RunConfig, i: int, key: str) -> str:
     return f"phases.{i}.{key}" if cfg.phases else key
 
 
-def open_data(cfg: RunConfig) -> tuple[list[TokenDataset], Tokenizer]:
-    """Each phase's dataset and the tokenizer they share, checked against the model's vocabulary."""
+def open_data(cfg: RunConfig) -> tuple[RunConfig, list[TokenDataset], Tokenizer]:
+    """(the config with the model's vocabulary fitted to the data, each phase's dataset, the tokenizer they
+    share)."""
     datasets, tokenizer = [], None
     for i, phase in enumerate(cfg.run_phases()):
         key = phase_key(cfg, i, "data.path")
@@ -31,11 +32,29 @@ def open_data(cfg: RunConfig) -> tuple[list[TokenDataset], Tokenizer]:
             raise ConfigError(f"{key}={phase.data.path}: no such folder (prepare one with `slmforge data prepare`)")
         datasets.append(TokenDataset(phase.data.path))
         phase_tokenizer = load_tokenizer(phase.data.path)
-        check_vocab(cfg.model, phase_tokenizer.vocab_size, f"the tokenizer of {key}={phase.data.path}")
         if tokenizer is not None and phase_tokenizer.hf.to_str() != tokenizer.hf.to_str():
             raise ConfigError(f"{key}={phase.data.path} was tokenized with a different tokenizer than phase 0's data")
         tokenizer = tokenizer or phase_tokenizer
-    return datasets, tokenizer
+    return fit_vocab(cfg, tokenizer), datasets, tokenizer
+
+
+def fit_vocab(cfg: RunConfig, tokenizer: Tokenizer) -> RunConfig:
+    """`cfg` once its model has a row for every id of the data's tokenizer. From an init checkpoint the
+    data must be tokenized by the checkpoint's tokenizer, or by it with special tokens added after its last
+    id (chat markers, FIM): then the model grows by those rows (the trainer initialises them)."""
+    key, path = phase_key(cfg, 0, "data.path"), cfg.run_phases()[0].data.path
+    if cfg.train.init:
+        init_tokenizer = read_tokenizer(Path(cfg.train.init))
+        if not tokenizer.extends(init_tokenizer):
+            raise ConfigError(f"{key}={path} was not tokenized with the tokenizer of train.init={cfg.train.init} "
+                              f"({tokenizer.vocab_size} and {init_tokenizer.vocab_size} tokens, different ids): "
+                              f"prepare it with --tokenizer {cfg.train.init}")
+        if tokenizer.vocab_size > cfg.model.vocab_size:
+            raw = cfg.to_dict()
+            raw["model"]["vocab_size"] = tokenizer.vocab_size
+            return from_dict(raw)
+    check_vocab(cfg.model, tokenizer.vocab_size, f"the tokenizer of {key}={path}")
+    return cfg
 
 
 def micro_step_flops(cfg: RunConfig) -> float:

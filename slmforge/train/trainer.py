@@ -46,6 +46,7 @@ from slmforge.data.loader import TrainBatches, val_batches
 from slmforge.eval.heldout import eval_sums, figures
 from slmforge.hardware import autocast, choose_dtype, choose_threads
 from slmforge.model import build_model
+from slmforge.model.vocab import grow_vocab_rows
 from slmforge.optim import (
     build_optimizers,
     load_optimizer_state,
@@ -140,6 +141,18 @@ class Trainer:
             self.progress.phase_index, self.progress.step = index + 1, 0
         self.log(f"resuming from {checkpoint} ({self.progress.tokens:,} tokens seen)")
         return optimizer_tensors, state["optimizer"]
+
+    def load_init_weights(self, checkpoint: Path) -> None:
+        """The weights of train.init, with rows for the ids its tokenizer lacks (see setup.fit_vocab)."""
+        weights = checkpoint / "model.safetensors"
+        tensors, old_vocab = read_tensors(weights), read_config(checkpoint).model.vocab_size
+        grown = []
+        if old_vocab < self.cfg.model.vocab_size:
+            tensors, grown = grow_vocab_rows(tensors, self.model.state_dict(), old_vocab)
+        load_weights(self.model, tensors, str(weights))
+        self.log(f"weights from {checkpoint} (train.init)" + (
+            f"; ids {old_vocab}..{self.cfg.model.vocab_size - 1} are new: their rows of {', '.join(grown)} start "
+            "as the mean of the others" if grown else ""))
 
     def build_optimizers(self, phase: PhaseConfig, state: tuple[dict, dict] | None) -> list:
         """The phase's optimizers, with moments and step counts from `state` (a checkpoint or the previous
@@ -323,9 +336,7 @@ class Trainer:
             self.log(f"--resume: no checkpoint in {self.out}, starting from scratch")
             self.metrics.resume(lambda line: False)
         if checkpoint is None and self.cfg.train.init:  # a checkpoint folder with_init_model verified
-            weights = Path(self.cfg.train.init) / "model.safetensors"
-            load_weights(self.model, read_tensors(weights), str(weights))
-            self.log(f"weights from {self.cfg.train.init} (train.init)")
+            self.load_init_weights(Path(self.cfg.train.init))
         if self.progress.phase_index == len(self.phases):
             return self.finished_report(checkpoint, start)
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -371,8 +382,7 @@ def train(cfg: RunConfig, out_dir, resume: bool = False, fresh: bool = False, al
     """
     out = Path(out_dir)
     check_run_dir(out, resume, fresh)
-    cfg = with_init_model(cfg)
-    datasets, tokenizer = open_data(cfg)
+    cfg, datasets, tokenizer = open_data(with_init_model(cfg))
     d = distributed.setup()
     created = not out.exists()
     trainer, threads = None, torch.get_num_threads()

@@ -16,7 +16,7 @@ import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from slmforge.tokenizer import Tokenizer
+from slmforge.tokenizer.tokenizer import Tokenizer
 
 # Markers that end an assistant's turn in the common templates (ChatML, Llama 3, Phi, Gemma): generation
 # stops at whichever of them the tokenizer has, as it stops at EOS.
