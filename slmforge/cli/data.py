@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from slmforge.cli.args import POSITIVE_INT, add_sources, number, sources
+from slmforge.cli.args import COUNT, POSITIVE_INT, add_sources, number, sources
 
 
 def cmd_tokenizer_train(args) -> None:
@@ -20,12 +20,15 @@ def cmd_data_prepare(args) -> None:
     from slmforge.data.prepare import prepare_dataset
     from slmforge.tokenizer import load_tokenizer
 
+    if args.fim_spm_rate is not None and not args.fim_rate:
+        raise ValueError("--fim-spm-rate orders the fill-in-the-middle documents: give --fim-rate too")
     tokenizer = load_tokenizer(args.tokenizer)
     from slmforge.data.sources import parse_source
 
     prepare_dataset(sources(args.source), tokenizer, args.out, val_fraction=args.val_fraction,
                     max_tokens_per_source=args.max_tokens_per_source,
-                    val_sources=[parse_source(s) for s in args.val_source])
+                    val_sources=[parse_source(s) for s in args.val_source], fim_rate=args.fim_rate,
+                    fim_spm_rate=0.5 if args.fim_spm_rate is None else args.fim_spm_rate, fim_seed=args.fim_seed)
 
 
 def register(sub) -> None:
@@ -47,4 +50,13 @@ def register(sub) -> None:
     p.add_argument("--max-tokens-per-source", type=POSITIVE_INT, default=None)
     p.add_argument("--val-source", action="append", default=[], metavar="NAME=PATH",
                    help="the whole validation set of source NAME (e.g. a test split); repeatable")
+    p.add_argument("--fim-rate", type=number(float, 0, 1), default=0.0,
+                   help="share of the training documents rearranged for fill-in-the-middle: cut at two random "
+                        "characters, the middle moved last behind <fim_prefix>/<fim_suffix>/<fim_middle> (added to "
+                        "the tokenizer when missing). The validation split stays plain, so its losses compare with "
+                        "data prepared without FIM (default 0: off)")
+    p.add_argument("--fim-spm-rate", type=number(float, 0, 1), default=None,
+                   help="share of the FIM documents in suffix-prefix-middle order, the rest prefix-suffix-middle "
+                        "(default 0.5)")
+    p.add_argument("--fim-seed", type=COUNT, default=0, help="seed of the per-document FIM draws (default 0)")
     p.set_defaults(func=cmd_data_prepare)

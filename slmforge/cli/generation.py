@@ -9,19 +9,59 @@ def cmd_sample(args) -> None:
     from slmforge.infer import SamplingParams, generate
     from slmforge.infer.load import load_for_decoding
 
-    loaded = load_for_decoding(args.run, device="cpu", max_batch=len(args.prompt))
+    pairs = _fim_pairs(args)
+    loaded = load_for_decoding(args.run, device="cpu", max_batch=len(pairs or args.prompt))
     model, tokenizer = loaded.model, loaded.tokenizer
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
         temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
     )
+    if pairs:
+        _sample_middles(model, tokenizer, pairs, params, args.run)
+        return
     if args.speculative:
         _sample_speculative(model, tokenizer, args.prompt, params)
         return
     for prompt, completion in zip(args.prompt, generate(model, tokenizer, args.prompt, params)):
         print(f"--- {prompt!r} ({completion.finish_reason})")
         print(prompt + completion.text)
+
+
+def _fim_pairs(args) -> list[tuple[str, str]]:
+    """The (prefix, suffix) pairs to fill in, [] for --prompt; a mix or an unpaired flag is refused."""
+    if args.prefix is None and args.suffix is None:
+        if not args.prompt:
+            raise ValueError("give --prompt TEXT to continue, or --prefix TEXT --suffix TEXT to fill in the middle")
+        return []
+    prefixes, suffixes = args.prefix or [], args.suffix or []
+    if args.prompt:
+        raise ValueError("--prompt continues a text, --prefix/--suffix fill in a middle: give one or the other")
+    if len(prefixes) != len(suffixes):
+        raise ValueError(f"--prefix and --suffix come in pairs (the n-th --prefix with the n-th --suffix); got "
+                         f"{len(prefixes)} --prefix and {len(suffixes)} --suffix")
+    if args.speculative:
+        raise ValueError("--speculative continues --prompt; it does not fill in the middle")
+    return list(zip(prefixes, suffixes))
+
+
+def _sample_middles(model, tokenizer, pairs: list[tuple[str, str]], params, run: str) -> None:
+    """Print the middle generated between each prefix and suffix, from the prefix-suffix-middle prompt; a
+    middle ends at EOS or at a FIM marker (or a file separator) the tokenizer has."""
+    from dataclasses import replace
+
+    from slmforge.data.fim import find_fim_ids, missing_fim_tokens
+    from slmforge.infer import generate_ids
+
+    fim = find_fim_ids(tokenizer)
+    if fim is None:
+        raise ValueError(f"{run} cannot fill in the middle: {missing_fim_tokens(tokenizer)}")
+    prompts = [fim.psm_prompt(tokenizer.encode(prefix), tokenizer.encode(suffix)) for prefix, suffix in pairs]
+    params = replace(params, stop_token_ids=[*params.stop_token_ids, *fim.ends])
+    for (prefix, suffix), completion in zip(pairs, generate_ids(model, prompts, params, eos_id=tokenizer.eos_id,
+                                                                 decode=tokenizer.decode)):
+        print(f"--- {prefix!r} ... {suffix!r} ({completion.finish_reason})")
+        print(completion.text)
 
 
 def _sample_speculative(model, tokenizer, prompts: list[str], params) -> None:
@@ -65,7 +105,11 @@ def cmd_serve(args) -> None:
 def register(sub) -> None:
     p = sub.add_parser("sample", help="generate text from a run or checkpoint")
     p.add_argument("run")
-    p.add_argument("--prompt", action="append", required=True, help="repeatable: prompts decode together")
+    p.add_argument("--prompt", action="append", default=[], help="repeatable: prompts decode together")
+    p.add_argument("--prefix", action="append", help="fill in the middle: the text before it; repeatable, the n-th "
+                   "--prefix paired with the n-th --suffix (pairs decode together). Prints only the middle; needs a "
+                   "tokenizer with FIM tokens (data prepared with --fim-rate)")
+    p.add_argument("--suffix", action="append", help="fill in the middle: the text after it (see --prefix)")
     p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=100)
     p.add_argument("--min-new-tokens", type=COUNT, default=0)
     p.add_argument("--greedy", action="store_true")

@@ -2,12 +2,15 @@
 
 A prepared dataset is a folder:
 
-    meta.json                     format_version, dtype, vocab_size, eos_id, per-source counts and weights
+    meta.json                     format_version, dtype, vocab_size, eos_id, per-source counts and weights,
+                                  the fill-in-the-middle settings (null when off)
     tokenizer.json, tokenizer_config.json
     <source>/train.bin, val.bin   raw token ids (uint16, or uint32 for vocabularies over 65,536)
 
 Each document's tokens are followed by one EOS. Sources stay separate on disk with their mixture
 weights recorded; the loader samples them by weight, so the mixture can change without re-tokenizing.
+With `fim_rate` > 0, that share of the training documents is rearranged for fill-in-the-middle
+(`slmforge.data.fim`); validation documents stay plain, so validation losses compare with runs without FIM.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
+from slmforge.data.fim import FimCut, FimTransform, check_rate, find_fim_ids, with_fim_tokens
 from slmforge.data.sources import Source, SourceStats, check_sources, iter_documents
 
 if TYPE_CHECKING:  # the tokenizer package imports slmforge.data; a runtime import here would be circular
@@ -45,6 +49,9 @@ def prepare_dataset(
     max_tokens_per_source: int | None = None,
     progress: bool = True,
     val_sources: list[Source] | None = None,
+    fim_rate: float = 0.0,
+    fim_spm_rate: float = 0.5,
+    fim_seed: int = 0,
 ) -> dict:
     """Tokenize `sources` into a dataset folder at `out_dir` and return its meta.json content.
 
@@ -55,8 +62,12 @@ def prepare_dataset(
     `max_tokens_per_source` stops reading a source after the document that reaches it. A source with a
     `val_sources` entry of the same name (e.g. GSM8K's test split) takes its whole validation set from
     there, and all its own documents train.
+    `fim_rate` > 0 rearranges that share of the training documents for fill-in-the-middle, `fim_spm_rate` of
+    them in SPM order, drawn per document from `fim_seed`; the saved tokenizer gains the FIM tokens it lacks.
     """
     _check_arguments(sources, val_fraction, max_tokens_per_source)
+    check_rate("fim_rate", fim_rate)
+    check_rate("fim_spm_rate", fim_spm_rate)
     held_out = {s.name: s for s in val_sources or []}
     unknown = sorted(set(held_out) - {s.name for s in sources})
     if unknown:
@@ -65,6 +76,10 @@ def prepare_dataset(
     out_dir = Path(out_dir)
     _check_replaceable(out_dir)
     _remove_leftovers_of_dead_runs(out_dir)
+    fim = None
+    if fim_rate > 0:
+        tokenizer = with_fim_tokens(tokenizer)
+        fim = FimTransform(find_fim_ids(tokenizer), fim_rate, fim_spm_rate, fim_seed)
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
     partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
@@ -75,7 +90,7 @@ def prepare_dataset(
         for source in sources:
             per_source[source.name] = _write_source(
                 source, tokenizer, partial / source.name, dtype, val_fraction, max_tokens_per_source, progress,
-                held_out.get(source.name),
+                held_out.get(source.name), fim,
             )
         _check_not_empty(sources, per_source)
         meta = {
@@ -85,6 +100,7 @@ def prepare_dataset(
             "eos_id": tokenizer.eos_id,
             "bos_id": tokenizer.bos_id,
             "val_fraction": val_fraction,
+            "fim": fim and fim.settings() | {"documents": {n: m["fim_documents"] for n, m in per_source.items()}},
             "sources": per_source,
             "total": {k: sum(m[k] for m in per_source.values()) for k in _COUNTS},
         }
@@ -166,12 +182,14 @@ def _write_source(
     max_tokens: int | None,
     progress: bool,
     val_source: Source | None = None,
+    fim: FimTransform | None = None,
 ) -> dict:
     """Tokenize one source into folder/train.bin and folder/val.bin (with `val_source`: all of the source
-    to train.bin, all of val_source to val.bin); return its meta.json entry."""
+    to train.bin, all of val_source to val.bin), training documents through `fim` when given; return its
+    meta.json entry."""
     folder.mkdir()
     stats = SourceStats()
-    documents = nbytes = 0  # counted as written: the reader may have read ahead of a max_tokens stop
+    documents = nbytes = fim_documents = 0  # counted as written: the reader may have read ahead of a max_tokens stop
     tokens = {"train": 0, "val": 0}
     done = False
     bar = tqdm(desc=f"{source.name:>12}", unit=" docs", disable=not progress)
@@ -183,9 +201,18 @@ def _write_source(
         for batch in _batches(stream):
             parts = {"train": [], "val": []}
             texts = [text for text, _ in batch]
-            for (text, split), ids in zip(batch, tokenizer.encode_batch(texts)):
+            splits = [split or ("val" if _is_val(documents + i, val_fraction) else "train")
+                      for i, (_, split) in enumerate(batch)]
+            cuts: list[FimCut | None] = [None] * len(batch)
+            if fim is None:
+                encoded = tokenizer.encode_batch(texts)
+            else:  # a document is named by its source and index: its cut does not depend on the batching
+                cuts = fim.cuts(texts, [f"{source.name}/{documents + i}" if split == "train" else None
+                                        for i, split in enumerate(splits)])
+                encoded = fim.encode_batch(tokenizer, texts, cuts)
+            for text, split, cut, ids in zip(texts, splits, cuts, encoded):
                 ids.append(tokenizer.eos_id)
-                split = split or ("val" if _is_val(documents, val_fraction) else "train")
+                fim_documents += cut is not None
                 parts[split].append(ids)
                 tokens[split] += len(ids)
                 documents += 1
@@ -214,6 +241,7 @@ def _write_source(
         "skipped_lines": stats.skipped_lines,
         "skip_reasons": dict(stats.reasons),
         "skip_examples": stats.examples,
+        "fim_documents": fim_documents,
     }
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 
+from slmforge.data.fim import find_fim_ids, missing_fim_tokens
 from slmforge.infer.engine import Delta, Engine, Request
 from slmforge.infer.sampling import SamplingParams
 from slmforge.tokenizer.chat_template import ChatTemplate, TemplateError
@@ -41,8 +42,6 @@ from slmforge.serve.responses import LegacyLogprobs, chat_logprobs, envelope, ne
 from slmforge.tokenizer import Tokenizer
 
 INDEX_PAGE = Path(__file__).parent / "static" / "index.html"
-# fill-in-the-middle markers, in prefix-suffix-middle order: Qwen's and StarCoder's names
-FIM_TOKENS = (("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"), ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"))
 
 
 class ServedModel:
@@ -52,8 +51,7 @@ class ServedModel:
         self.engine, self.tokenizer, self.name = engine, tokenizer, name
         self.max_len, self.vocab_size = engine.max_len, engine.model.cfg.vocab_size
         self.chat = ChatTemplate(tokenizer.chat_template, tokenizer) if tokenizer.chat_template else None
-        self.fim_ids = next((ids for ids in ([tokenizer.hf.token_to_id(t) for t in names] for names in FIM_TOKENS)
-                             if None not in ids), None)
+        self.fim = find_fim_ids(tokenizer)
         self.token_texts: dict[int, str] = {}
 
     def token_text(self, token_id: int) -> str:
@@ -87,12 +85,10 @@ class ServedModel:
         self.check_ids(ids, param)
         if suffix is None:
             return ids
-        if self.fim_ids is None:
-            raise APIError(400, f"suffix: the model `{self.name}` cannot fill in the middle: its tokenizer has "
-                           "neither <|fim_prefix|>, <|fim_suffix|>, <|fim_middle|> nor <fim_prefix>, <fim_suffix>, "
-                           "<fim_middle>", param="suffix", code="invalid_value")
-        prefix, middle_start, middle = self.fim_ids
-        return [prefix, *ids, middle_start, *self.tokenizer.encode(suffix), middle]
+        if self.fim is None:
+            raise APIError(400, f"suffix: the model `{self.name}` cannot fill in the middle: "
+                           f"{missing_fim_tokens(self.tokenizer)}", param="suffix", code="invalid_value")
+        return self.fim.psm_prompt(ids, self.tokenizer.encode(suffix))
 
     def budget(self, n_prompt: int, body: SamplingFields, param: str) -> int:
         """The most tokens a completion after `n_prompt` prompt tokens may have: max_tokens, within the context."""
