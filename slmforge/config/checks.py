@@ -61,7 +61,7 @@ RULES: dict[type, dict[str, str | tuple | None]] = {
         "path": None,  # the trainer names a missing folder
         # 0 drops a source; an all-zero mixture is refused by the loader, which knows the folder's other sources
         "weights": NON_NEGATIVE,
-        "seq_len": POSITIVE, "batch_size": POSITIVE,
+        "seq_len": POSITIVE, "batch_size": POSITIVE, "packing": ("auto", "pack", "pad"),
     },
     OptimConfig: {
         "name": ("muon", "adamw", "lion", "sgd"), "others": ("adamw", "lion", "sgd"), "lr": POSITIVE,

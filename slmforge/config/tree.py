@@ -136,6 +136,9 @@ class DataConfig:
     weights: dict[str, float] = field(default_factory=dict)  # mixture override; empty: the folder's own
     seq_len: int = 512
     batch_size: int = 8  # sequences per micro-batch per process
+    # chat data (`data prepare --chat`): "pack" puts whole conversations side by side in a row, attending
+    # only within each; "pad" gives each its own row; "auto" packs where the model can (not the multi-scale one)
+    packing: str = "auto"
 
 
 @dataclass

@@ -46,20 +46,40 @@ class TokenDataset:
         except (KeyError, TypeError) as e:
             raise ValueError(f"{meta_file} is missing or has a bad entry: {e!r}") from e
         self.meta = meta
+        # chat data (slmforge.data.chat): per split and source, the loss mask of every token and where each
+        # conversation starts
+        self.kind = meta.get("kind", "text")
+        self.masks: dict[str, dict[str, np.ndarray]] = {}
+        self.offsets: dict[str, dict[str, np.ndarray]] = {}
+        if self.kind == "chat":
+            for split, arrays in (("train", self.train), ("val", self.val)):
+                self.masks[split] = {n: self._open(n, split, len(a), "mask", np.dtype(np.uint8)) for n, a in arrays.items()}
+                self.offsets[split] = {n: self._offsets(n, split, len(a)) for n, a in arrays.items()}
+            self.pad_id = int(meta.get("pad_id", self.eos_id))
 
-    def _open(self, name: str, split: str, tokens: int) -> np.ndarray:
-        file = self.path / name / f"{split}.bin"
+    def _open(self, name: str, split: str, tokens: int, suffix: str = "bin", dtype: np.dtype | None = None) -> np.ndarray:
+        file, dtype = self.path / name / f"{split}.{suffix}", dtype or self.dtype
         if not file.is_file():
             raise FileNotFoundError(f"dataset {self.path} is missing {file}")
         size = file.stat().st_size
-        if size != tokens * self.dtype.itemsize:
+        if size != tokens * dtype.itemsize:
             raise ValueError(
-                f"{file} holds {size} bytes but meta.json says {tokens} {self.dtype.name} tokens; "
+                f"{file} holds {size} bytes but meta.json says {tokens} {dtype.name} tokens; "
                 "prepare the dataset again"
             )
         if tokens == 0:
-            return np.zeros(0, dtype=self.dtype)  # an empty file cannot be memory-mapped
-        return np.memmap(file, dtype=self.dtype, mode="r")
+            return np.zeros(0, dtype=dtype)  # an empty file cannot be memory-mapped
+        return np.memmap(file, dtype=dtype, mode="r")
+
+    def _offsets(self, name: str, split: str, tokens: int) -> np.ndarray:
+        file = self.path / name / f"{split}.offsets"
+        if not file.is_file():
+            raise FileNotFoundError(f"dataset {self.path} is missing {file}")
+        offsets = np.fromfile(file, dtype=np.int64)
+        if len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != tokens or np.any(np.diff(offsets) <= 0):
+            raise ValueError(f"{file} does not split the {tokens} tokens of {split}.bin into conversations; "
+                             "prepare the dataset again")
+        return offsets
 
     @property
     def sources(self) -> list[str]:
@@ -70,7 +90,7 @@ class TokenDataset:
         return f"TokenDataset({str(self.path)!r}, train+val tokens {{{counts}}})"
 
 
-def _mixture(dataset: TokenDataset, weights: dict[str, float] | None) -> dict[str, float]:
+def mixture_weights(dataset: TokenDataset, weights: dict[str, float] | None) -> dict[str, float]:
     """The dataset's weights, with `weights` replacing those it names (the others keep theirs)."""
     mix = dict(dataset.weights)
     if weights:
@@ -108,7 +128,7 @@ class TrainBatches:
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.sources, self.arrays, probs = [], [], []
-        for name, weight in _mixture(dataset, weights).items():
+        for name, weight in mixture_weights(dataset, weights).items():
             if weight == 0:
                 continue
             n = len(dataset.train[name])
@@ -129,6 +149,11 @@ class TrainBatches:
         self._cdf = np.cumsum(self.probs)
         self._cdf[-1] = 1.0  # no rounding gap above the last source
         self._n_starts = np.array([len(a) - seq_len for a in self.arrays])  # starts 0..len-seq_len-1
+
+    def describe(self) -> str:
+        """One line on what the rows hold, for the run's log."""
+        mix = ", ".join(f"{name} {p:.0%}" for name, p in zip(self.sources, self.probs))
+        return f"windows of {self.seq_len + 1} tokens drawn from {mix}"
 
     def windows(self, step: int, micro: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(source index into `sources`, window start) of each of this rank's rows."""
@@ -169,7 +194,7 @@ def val_batches(
             f"seq_len, batch_size and max_batches must be positive: {seq_len}, {batch_size}, {max_batches}"
         )
     capacity, val_weights = {}, {}
-    for name, weight in _mixture(dataset, weights).items():
+    for name, weight in mixture_weights(dataset, weights).items():
         if weight == 0:
             continue
         n = (len(dataset.val[name]) - 1) // seq_len  # -1 for an empty split
@@ -211,3 +236,25 @@ def _weighted_round_robin(total: int, weights: dict[str, float], capacity: dict[
         if taken[best] == capacity[best]:
             active.remove(best)
     return picks
+
+
+def training_batches(dataset: TokenDataset, seq_len: int, batch_size: int, seed: int, rank: int = 0,
+                     world_size: int = 1, weights: dict[str, float] | None = None, grad_accum: int = 1,
+                     pack: bool = True):
+    """The training batches of `dataset`: windows of text, or whole conversations of chat data (packed
+    with `pack`, else padded); each has `get(step, micro) -> Batch`."""
+    if dataset.kind == "chat":
+        from slmforge.data.conversation_batches import ConversationBatches
+
+        return ConversationBatches(dataset, seq_len, batch_size, seed, rank, world_size, weights, grad_accum, pack)
+    return TrainBatches(dataset, seq_len, batch_size, seed, rank, world_size, weights)
+
+
+def validation_batches(dataset: TokenDataset, seq_len: int, batch_size: int, max_batches: int,
+                       weights: dict[str, float] | None = None, pack: bool = True) -> list[Batch]:
+    """The fixed validation set of `dataset` (see `val_batches`; chat data: `conversation_val_batches`)."""
+    if dataset.kind == "chat":
+        from slmforge.data.conversation_batches import conversation_val_batches
+
+        return conversation_val_batches(dataset, seq_len, batch_size, max_batches, weights, pack)
+    return val_batches(dataset, seq_len, batch_size, max_batches, weights)

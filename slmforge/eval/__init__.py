@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-from slmforge.data.loader import TokenDataset, val_batches
+from slmforge.data.loader import TokenDataset, validation_batches
 from slmforge.eval.heldout import evaluate
 from slmforge.infer.load import load_model
+from slmforge.model import packs_rows
 
 
 def evaluate_validation(loaded, data: str | None = None, max_batches: int | None = None,
@@ -22,8 +23,8 @@ def evaluate_validation(loaded, data: str | None = None, max_batches: int | None
         raise ValueError(f"{data} was tokenized with {dataset.vocab_size} tokens, the model's tokenizer has "
                          f"{tokenizer.vocab_size}: prepare it with this run's tokenizer")
     seq_len = seq_len or phase.data.seq_len
-    batches = val_batches(dataset, seq_len, phase.data.batch_size, max_batches or cfg.train.eval_batches,
-                          weights=phase.data.weights or None)
+    batches = validation_batches(dataset, seq_len, phase.data.batch_size, max_batches or cfg.train.eval_batches,
+                                 phase.data.weights or None, packs_rows(phase.data.packing, cfg.model))
     figures = evaluate(loaded.model, batches, tokenizer.token_byte_lengths(), loaded.autocast())
     return figures, batches, str(data), seq_len
 

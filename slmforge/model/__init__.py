@@ -14,4 +14,16 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     return MultiScaleTransformer(cfg) if cfg.arch == "multiscale" else Transformer(cfg)
 
 
-__all__ = ["KVCache", "MultiScaleTransformer", "Transformer", "build_model"]
+def packs_documents(cfg: ModelConfig) -> bool:
+    """Whether the model attends within each of several documents packed in a row (`documents=`)."""
+    return cfg.arch != "multiscale"
+
+
+def packs_rows(packing: str, cfg: ModelConfig) -> bool:
+    """Whether chat rows are packed under data.packing = `packing` (auto: where the model can)."""
+    if packing == "pack" and not packs_documents(cfg):
+        raise ValueError(f"=pack: the {cfg.arch} model cannot keep packed conversations apart; use pad (or auto)")
+    return packing == "pack" or (packing == "auto" and packs_documents(cfg))
+
+
+__all__ = ["KVCache", "MultiScaleTransformer", "Transformer", "build_model", "packs_documents", "packs_rows"]

@@ -10,6 +10,7 @@ from slmforge.checkpoint.folder import find_checkpoint, read_config, read_tokeni
 from slmforge.checkpoint.integrity import CheckpointError
 from slmforge.config import ConfigError, RunConfig, check_vocab, from_dict
 from slmforge.data.loader import TokenDataset
+from slmforge.model import packs_rows as model_packs_rows
 from slmforge.model.stats import model_stats
 from slmforge.tokenizer import Tokenizer, load_tokenizer
 from slmforge.train.metrics import log
@@ -31,6 +32,7 @@ def open_data(cfg: RunConfig) -> tuple[RunConfig, list[TokenDataset], Tokenizer]
         if not Path(phase.data.path).is_dir():
             raise ConfigError(f"{key}={phase.data.path}: no such folder (prepare one with `slmforge data prepare`)")
         datasets.append(TokenDataset(phase.data.path))
+        packs_rows(cfg, i)
         phase_tokenizer = load_tokenizer(phase.data.path)
         if tokenizer is not None and phase_tokenizer.hf.to_str() != tokenizer.hf.to_str():
             raise ConfigError(f"{key}={phase.data.path} was tokenized with a different tokenizer than phase 0's data")
@@ -80,3 +82,11 @@ def with_init_model(cfg: RunConfig) -> RunConfig:
         return from_dict({**raw, "model": model})
     except ConfigError as e:
         raise ConfigError(f"train.init={cfg.train.init}: the run's settings do not fit its model: {e}") from None
+
+
+def packs_rows(cfg: RunConfig, index: int) -> bool:
+    """Whether phase `index` packs conversations of chat data side by side (data.packing)."""
+    try:
+        return model_packs_rows(cfg.run_phases()[index].data.packing, cfg.model)
+    except ValueError as e:
+        raise ConfigError(f"{phase_key(cfg, index, 'data.packing')}{e}") from None

@@ -42,7 +42,7 @@ from slmforge.checkpoint.folder import (
 )
 from slmforge.checkpoint.integrity import CheckpointError, read_json, read_tensors, write_json_atomic
 from slmforge.config import ConfigError, PhaseConfig, RunConfig
-from slmforge.data.loader import TrainBatches, val_batches
+from slmforge.data.loader import training_batches, validation_batches
 from slmforge.eval.heldout import eval_sums, figures
 from slmforge.hardware import autocast, choose_dtype, choose_threads
 from slmforge.model import build_model
@@ -63,7 +63,7 @@ from slmforge.train.objective import LanguageModeling
 from slmforge.train.metrics import MetricsLog, json_safe, load_metrics, log
 from slmforge.train.report import run_report
 from slmforge.train.run_folder import check_run_dir, config_changes, prepare_run_dir
-from slmforge.train.setup import micro_step_flops, open_data, phase_key, with_init_model
+from slmforge.train.setup import micro_step_flops, open_data, packs_rows, phase_key, with_init_model
 
 
 @dataclass
@@ -175,7 +175,7 @@ class Trainer:
 
     # --- one optimizer step ---
 
-    def train_step(self, phase: PhaseConfig, optimizers: list, batches: TrainBatches, step: int) -> dict:
+    def train_step(self, phase: PhaseConfig, optimizers: list, batches, step: int) -> dict:
         set_lr(optimizers, lr_factor(step, phase.steps, phase.schedule))
         accum = self.cfg.train.grad_accum
         totals: dict[str, torch.Tensor] = {}
@@ -246,12 +246,12 @@ class Trainer:
 
     # --- evaluation and checkpoints ---
 
-    def local_val_batches(self, phase: PhaseConfig, dataset) -> list:
-        """This rank's rows of the validation set: batches of the global batch size, split like training
-        batches, so the val figures do not depend on the number of processes."""
-        b, rank = phase.data.batch_size, self.d.rank
-        val = val_batches(dataset, phase.data.seq_len, b * self.d.world_size, self.cfg.train.eval_batches,
-                          phase.data.weights or None)
+    def local_val_batches(self, index: int) -> list:
+        """This rank's rows of phase `index`'s validation set: batches of the global batch size, split like
+        training batches, so the val figures do not depend on the number of processes."""
+        phase, b, rank = self.phases[index], self.phases[index].data.batch_size, self.d.rank
+        val = validation_batches(self.datasets[index], phase.data.seq_len, b * self.d.world_size,
+                                 self.cfg.train.eval_batches, phase.data.weights or None, packs_rows(self.cfg, index))
         return [batch.rows(rank * b, (rank + 1) * b) for batch in val if len(batch) > rank * b]
 
     def evaluate(self, phase: PhaseConfig, val: list) -> dict:
@@ -285,9 +285,11 @@ class Trainer:
         groups = [f"{g['group']} ({g['params']:,} params, lr {g['lr']:g})" for g in param_groups_summary(optimizers)]
         self.log(f"phase {phase.name}: {phase.steps} steps on {phase.data.path}; optimizer groups: {', '.join(groups)}")
         # a phase seed of its own, so a phase on the same data does not replay the previous phase's rows
-        batches = TrainBatches(dataset, phase.data.seq_len, phase.data.batch_size, seed=t.seed + index,
-                               rank=d.rank, world_size=d.world_size, weights=phase.data.weights or None)
-        val = self.local_val_batches(phase, dataset)
+        batches = training_batches(dataset, phase.data.seq_len, phase.data.batch_size, seed=t.seed + index,
+                                   rank=d.rank, world_size=d.world_size, weights=phase.data.weights or None,
+                                   grad_accum=t.grad_accum, pack=packs_rows(self.cfg, index))
+        self.log(f"phase {phase.name}: {batches.describe()}")
+        val = self.local_val_batches(index)
         if self.progress.step == 0:  # the starting point, so a run shows how far its loss fell
             start_val = self.evaluate(phase, val)["loss"]
             self.log(f"{phase.name} step 0: val_loss {start_val:.4f}")
@@ -296,7 +298,7 @@ class Trainer:
             self.run_steps(phase, optimizers, batches, val, bar)
         return optimizer_state_tensors(optimizers)
 
-    def run_steps(self, phase: PhaseConfig, optimizers: list, batches: TrainBatches, val: list, bar: tqdm) -> None:
+    def run_steps(self, phase: PhaseConfig, optimizers: list, batches, val: list, bar: tqdm) -> None:
         """The optimizer steps of a phase from self.progress.step to its end, with evaluations and checkpoints."""
         t, d = self.cfg.train, self.d
         tokens_per_step = t.grad_accum * phase.data.batch_size * phase.data.seq_len * d.world_size
