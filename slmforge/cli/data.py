@@ -16,13 +16,58 @@ def cmd_tokenizer_train(args) -> None:
     print(f"tokenizer with {tokenizer.vocab_size} tokens written to {args.out}/tokenizer.json")
 
 
+def _prepare_chat(args, tokenizer) -> None:
+    from pathlib import Path
+
+    from slmforge.data.chat import parse_chat_source, prepare_chat_dataset
+    from slmforge.data.conversations import RowFormat, parse_pairs
+
+    mixed = [flag for flag, value in (("--source", args.source), ("--val-source", args.val_source),
+                                      ("--max-tokens-per-source", args.max_tokens_per_source)) if value]
+    if mixed:
+        raise ValueError(f"{mixed[0]} is for text sources; with --chat give chat files only (--val-chat for a "
+                         "validation file)")
+    template = args.chat_template
+    if template not in (None, "chatml"):
+        template = Path(template).read_text(encoding="utf-8")
+    prepare_chat_dataset([parse_chat_source(s) for s in args.chat], tokenizer, args.out, template=template,
+                         train_on=args.train_on, val_fraction=args.val_fraction,
+                         val_sources=[parse_chat_source(s) for s in args.val_chat],
+                         fmt=RowFormat(args.chat_format, parse_pairs(args.role_map, "--role-map", "bot=assistant"),
+                                       parse_pairs(args.field, "--field", "output=answer")),
+                         skip_bad=args.skip_bad_rows)
+
+
+def _load_tokenizer(path: str):
+    """A tokenizer.json, a folder holding one, or a run folder (its newest checkpoint's tokenizer)."""
+    from pathlib import Path
+
+    from slmforge.tokenizer import load_tokenizer
+
+    folder = Path(path)
+    if folder.is_dir() and not (folder / "tokenizer.json").exists():
+        from slmforge.checkpoint import find_checkpoint, latest_checkpoint
+
+        if latest_checkpoint(folder) is not None:
+            folder = find_checkpoint(folder)
+    return load_tokenizer(folder)
+
+
 def cmd_data_prepare(args) -> None:
     from slmforge.data.prepare import prepare_dataset
-    from slmforge.tokenizer import load_tokenizer
 
     if args.fim_spm_rate is not None and not args.fim_rate:
         raise ValueError("--fim-spm-rate orders the fill-in-the-middle documents: give --fim-rate too")
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = _load_tokenizer(args.tokenizer)
+    if args.chat:
+        _prepare_chat(args, tokenizer)
+        return
+    chat_only = [flag for flag, value in (("--val-chat", args.val_chat), ("--chat-template", args.chat_template),
+                                          ("--role-map", args.role_map), ("--field", args.field),
+                                          ("--skip-bad-rows", args.skip_bad_rows))
+                 if value]
+    if chat_only:
+        raise ValueError(f"{chat_only[0]} needs --chat FILE.jsonl")
     from slmforge.data.sources import parse_source
 
     prepare_dataset(sources(args.source), tokenizer, args.out, val_fraction=args.val_fraction,
@@ -44,7 +89,8 @@ def register(sub) -> None:
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("prepare", help="tokenize sources into train/val token shards")
     add_sources(p)
-    p.add_argument("--tokenizer", required=True, help="tokenizer.json or a folder holding it")
+    p.add_argument("--tokenizer", required=True,
+                   help="tokenizer.json, a folder holding it, or a run folder (to fine-tune: the model's own)")
     p.add_argument("--out", required=True)
     p.add_argument("--val-fraction", type=number(float, 0, 1, high_open=True), default=0.01)
     p.add_argument("--max-tokens-per-source", type=POSITIVE_INT, default=None)
@@ -59,4 +105,26 @@ def register(sub) -> None:
                    help="share of the FIM documents in suffix-prefix-middle order, the rest prefix-suffix-middle "
                         "(default 0.5)")
     p.add_argument("--fim-seed", type=COUNT, default=0, help="seed of the per-document FIM draws (default 0)")
+    chat = p.add_argument_group("chat data (supervised fine-tuning)")
+    chat.add_argument("--chat", action="append", default=[], metavar="[NAME=]FILE.jsonl[@WEIGHT]",
+                      help="conversations, one JSON row per line: {\"messages\": [{\"role\", \"content\"}]}, "
+                      "ShareGPT {\"conversations\": [{\"from\", \"value\"}]} or Alpaca {\"instruction\", "
+                      "\"input\", \"output\"}; repeatable. Writes a chat dataset with a loss mask")
+    chat.add_argument("--val-chat", action="append", default=[], metavar="NAME=FILE.jsonl",
+                      help="the whole validation set of chat source NAME (default: --val-fraction of its rows)")
+    chat.add_argument("--chat-template", metavar="FILE|chatml", help="a Jinja chat template file, or chatml "
+                      "(default: the tokenizer's own template, else ChatML; missing ChatML markers are added "
+                      "as special tokens). Saved in the dataset's tokenizer_config.json")
+    chat.add_argument("--train-on", choices=["assistant", "last", "all"], default="assistant",
+                      help="the tokens in the loss: every assistant turn (default), the last one, or all")
+    chat.add_argument("--chat-format", choices=["auto", "messages", "sharegpt", "alpaca"], default="auto",
+                      help="the rows' shape (default: recognised per row)")
+    chat.add_argument("--role-map", action="append", default=[], metavar="NAME=ROLE",
+                      help="read role NAME as system, user or assistant, e.g. bot=assistant; repeatable")
+    chat.add_argument("--field", action="append", default=[], metavar="NAME=KEY",
+                      help="the key the rows use for field NAME (messages, role, content, conversations, from, value, "
+                      "instruction, input, output, system), e.g. instruction=question --field output=answer for "
+                      "GSM8K; repeatable")
+    chat.add_argument("--skip-bad-rows", action="store_true", help="leave out rows that are not conversations "
+                      "(counted by reason) instead of stopping at the first")
     p.set_defaults(func=cmd_data_prepare)
