@@ -17,9 +17,10 @@ def cmd_tokenizer_train(args) -> None:
 
 
 def _prepare_chat(args, tokenizer) -> None:
+    import sys
     from pathlib import Path
 
-    from slmforge.data.chat import parse_chat_source, prepare_chat_dataset
+    from slmforge.data.chat import format_chat_report, parse_chat_source, prepare_chat_dataset
     from slmforge.data.conversations import RowFormat, parse_pairs
 
     mixed = [flag for flag, value in (("--source", args.source), ("--val-source", args.val_source),
@@ -30,12 +31,13 @@ def _prepare_chat(args, tokenizer) -> None:
     template = args.chat_template
     if template not in (None, "chatml"):
         template = Path(template).read_text(encoding="utf-8")
-    prepare_chat_dataset([parse_chat_source(s) for s in args.chat], tokenizer, args.out, template=template,
-                         train_on=args.train_on, val_fraction=args.val_fraction,
-                         val_sources=[parse_chat_source(s) for s in args.val_chat],
-                         fmt=RowFormat(args.chat_format, parse_pairs(args.role_map, "--role-map", "bot=assistant"),
-                                       parse_pairs(args.field, "--field", "output=answer")),
-                         skip_bad=args.skip_bad_rows)
+    fmt = RowFormat(args.chat_format, parse_pairs(args.role_map, "--role-map", "bot=assistant"),
+                    parse_pairs(args.field, "--field", "output=answer"))
+    meta = prepare_chat_dataset([parse_chat_source(s) for s in args.chat], tokenizer, args.out, template=template,
+                                train_on=args.train_on, val_fraction=args.val_fraction,
+                                val_sources=[parse_chat_source(s) for s in args.val_chat], fmt=fmt,
+                                skip_bad=args.skip_bad_rows, progress=sys.stderr.isatty())
+    print(format_chat_report(meta))
 
 
 def _load_tokenizer(path: str):

@@ -78,8 +78,8 @@ def render_pieces(template: ChatTemplate, messages: list[dict], train_on: str) -
     def extend(text: str, upto: int, trained: bool) -> None:
         nonlocal done
         if not text.startswith(done):
-            raise TemplateError(f"the chat template does not render messages[:{upto}] as the start of the "
-                                "longer conversation, so the assistant's tokens cannot be told apart")
+            raise TemplateError(f"the chat template changes the text of earlier messages as the conversation grows "
+                                f"(at messages[:{upto}]), so the assistant's tokens cannot be told apart")
         if text != done:
             pieces.append((text[len(done):], trained))
         done = text
@@ -168,8 +168,9 @@ def prepare_chat_dataset(sources: list[ChatSource], tokenizer: Tokenizer, out_di
                          template: str | None = None, train_on: str = "assistant", val_fraction: float = 0.01,
                          val_sources: list[ChatSource] | None = None, fmt: RowFormat | None = None,
                          skip_bad: bool = False, progress: bool = True) -> dict:
-    """Render chat .jsonl `sources` into a chat dataset folder at `out_dir`; return its meta.json content.
-    Written beside `out_dir` and renamed into place at the end: a bad row leaves nothing behind."""
+    """Render chat .jsonl `sources` into a chat dataset folder at `out_dir`; return its meta.json content
+    (`format_chat_report` prints it). Written beside `out_dir` and renamed into place at the end: a bad row
+    leaves nothing behind. `progress`: a progress bar on stderr."""
     if train_on not in TRAIN_ON:
         raise ValueError(f"--train-on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
     if not sources:
@@ -213,8 +214,6 @@ def prepare_chat_dataset(sources: list[ChatSource], tokenizer: Tokenizer, out_di
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    if progress:
-        print(format_chat_report(meta))
     return meta
 
 
