@@ -1,4 +1,4 @@
-"""`slmforge` command line: info, tokenizer train, data prepare, train, eval, sample, serve, export, import, plot, card.
+"""`slmforge` command line: info, tokenizer train, data prepare, train, eval, sample, chat, serve, export, import, plot, card.
 
 One module per group of commands; each registers its subcommands and their `cmd_*` functions, which import
 what they need when they run (so `--help` loads no torch)."""
@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from slmforge.cli import convert, data, evaluation, generation, models, training
+from slmforge.cli import chat, convert, data, evaluation, generation, models, training
 from slmforge.config import ConfigError
 from slmforge.hardware import keep_freed_memory
 
@@ -24,7 +24,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="slmforge", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (models, data, training, evaluation, generation, convert):
+    for group in (models, data, training, evaluation, generation, chat, convert):
         group.register(sub)
     return parser
 
