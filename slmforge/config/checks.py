@@ -10,6 +10,8 @@ import math
 from slmforge.config.tree import (
     ConfigError,
     DataConfig,
+    DistillConfig,
+    LoraConfig,
     MLAConfig,
     ModelConfig,
     MoEConfig,
@@ -17,6 +19,7 @@ from slmforge.config.tree import (
     OptimConfig,
     RopeScalingConfig,
     PhaseConfig,
+    PreferenceConfig,
     RunConfig,
     ScheduleConfig,
     TrainConfig,
@@ -85,7 +88,10 @@ RULES: dict[type, dict[str, str | tuple | None]] = {
         "threads": NON_NEGATIVE,
         "init": None,  # a path, checked by the trainer when it opens it
     },
-    PhaseConfig: {"name": None, "steps": POSITIVE},  # the name is a folder of the run (_validate_phase)
+    PhaseConfig: {"name": None, "steps": POSITIVE},
+    LoraConfig: {"rank": NON_NEGATIVE, "alpha": POSITIVE, "targets": None},  # targets: matched when applied
+    DistillConfig: {"teacher": None, "temperature": POSITIVE, "weight": FRACTION},
+    PreferenceConfig: {"beta": POSITIVE, "reference": None},  # the name is a folder of the run (_validate_phase)
 }
 
 
@@ -208,7 +214,7 @@ def _validate_phase(p: PhaseConfig, prefix: str, model: ModelConfig) -> None:
 def validate(cfg: RunConfig) -> None:
     validate_model(cfg.model)
     # the top-level sections first, so a value the phases inherit is named where it was set
-    for key in ("data", "optim", "schedule", "train", "phases"):
+    for key in ("data", "optim", "schedule", "train", "phases", "lora", "distill", "preference"):
         _check_values(getattr(cfg, key), key)
     names = set()
     for i, phase in enumerate(cfg.run_phases()):

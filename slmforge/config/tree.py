@@ -196,6 +196,37 @@ class TrainConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters: each targeted projection's weight W trains as W + (alpha / rank) B A, with W frozen
+    (Hu et al., 2021). Needs train.init; checkpoints hold the merged weights and the adapters apart."""
+
+    rank: int = 0  # 0: off, every weight trains
+    alpha: float = 16.0
+    # nn.Linear modules whose name ends in one of these (q/k/v/o and the SwiGLU's three by default; MLA's are
+    # q_proj or q_a_proj/q_b_proj, kv_a_proj, kv_b_proj); routed experts' stacked weights are not adapted
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"])
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation: the student also learns the teacher's next-token distribution (forward KL at
+    a temperature, scaled by its square as Hinton et al. do), mixed with the data's cross-entropy."""
+
+    teacher: str | None = None  # a checkpoint or run folder with the student's vocabulary; None: off
+    temperature: float = 1.0
+    weight: float = 0.5  # the KL term's share of the loss; the data's cross-entropy keeps 1 - weight
+
+
+@dataclass
+class PreferenceConfig:
+    """Direct preference optimisation (DPO, Rafailov et al., 2023), on data from `data prepare --preference`."""
+
+    beta: float = 0.1  # how far the policy may move from the reference: larger keeps it closer
+    reference: str | None = None  # the frozen reference model (default: train.init, the model being tuned)
+
+
+@dataclass
 class PhaseConfig:
     """One phase of a run (e.g. pretrain, then anneal). Unset parts are inherited from the top level."""
 
@@ -214,6 +245,9 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     phases: list[PhaseConfig] = field(default_factory=list)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict:

@@ -37,7 +37,31 @@ def open_data(cfg: RunConfig) -> tuple[RunConfig, list[TokenDataset], Tokenizer]
         if tokenizer is not None and phase_tokenizer.hf.to_str() != tokenizer.hf.to_str():
             raise ConfigError(f"{key}={phase.data.path} was tokenized with a different tokenizer than phase 0's data")
         tokenizer = tokenizer or phase_tokenizer
-    return fit_vocab(cfg, tokenizer), datasets, tokenizer
+    cfg = fit_vocab(cfg, tokenizer)
+    check_teacher(cfg, tokenizer)
+    return cfg, datasets, tokenizer
+
+
+def check_teacher(cfg: RunConfig, tokenizer: Tokenizer) -> None:
+    """A distillation teacher must score the student's tokens: the same tokenizer and vocabulary size (and,
+    where the student's rows are packed, a model that can pack them too)."""
+    teacher = cfg.distill.teacher
+    if not teacher:
+        return
+    try:
+        checkpoint = find_checkpoint(teacher, warn=log)
+        model, teacher_tokenizer = read_config(checkpoint).model, read_tokenizer(checkpoint)
+    except CheckpointError as e:
+        raise ConfigError(f"distill.teacher={teacher}: {e}") from None
+    if model.vocab_size != cfg.model.vocab_size or teacher_tokenizer.hf.get_vocab() != tokenizer.hf.get_vocab():
+        raise ConfigError(f"distill.teacher={teacher}: its vocabulary has {model.vocab_size} tokens, the student's "
+                          f"{cfg.model.vocab_size}{' (other ids)' if model.vocab_size == cfg.model.vocab_size else ''}"
+                          f": distillation compares the two distributions token by token, so both must use one "
+                          f"tokenizer (prepare the student's data with --tokenizer {teacher})")
+    for i in range(len(cfg.run_phases())):
+        if packs_rows(cfg, i) and not model_packs_rows("auto", model):
+            raise ConfigError(f"distill.teacher={teacher}: the {model.arch} teacher cannot read packed rows; set "
+                              f"{phase_key(cfg, i, 'data.packing')}=pad")
 
 
 def fit_vocab(cfg: RunConfig, tokenizer: Tokenizer) -> RunConfig:

@@ -59,7 +59,7 @@ from slmforge.optim import (
 from slmforge.tokenizer import Tokenizer
 from slmforge.train import distributed
 from slmforge.train.errors import TrainingError
-from slmforge.train.objective import LanguageModeling
+from slmforge.train.objective import build_objective
 from slmforge.train.metrics import MetricsLog, json_safe, load_metrics, log
 from slmforge.train.report import run_report
 from slmforge.train.run_folder import check_run_dir, config_changes, prepare_run_dir
@@ -98,7 +98,7 @@ class Trainer:
         self.model = build_model(cfg.model).to(d.device)
         self.ddp = distributed.wrap(self.model, d)
         self.train_model = torch.compile(self.ddp) if cfg.train.compile else self.ddp
-        self.objective = LanguageModeling(cfg.train.z_loss, cfg.train.mtp_weight)
+        self.objective = build_objective(cfg, d.device, self.log)
         self.byte_lengths = tokenizer.token_byte_lengths()
         self.metrics = MetricsLog(out / "metrics.jsonl", d.is_main)
         self.progress = Progress()
