@@ -4,6 +4,8 @@
       config.json                 the resolved RunConfig (with format_version): the model's identity
       model.safetensors           fp32 weights; a tied embedding is stored once (no lm_head.weight)
       tokenizer.json, tokenizer_config.json
+      adapter.safetensors         with LoRA (config `lora`): the adapters alone, "<module>.lora_A" / "lora_B"
+      adapter_config.json         (model.safetensors then holds the weights with the adapters merged in)
       trainer_state/
         optimizer.safetensors     optimizer state, "<param name>/<state key>" -> tensor
         rng.safetensors           torch RNG states
@@ -47,6 +49,7 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 TMP_PREFIX = ".tmp-"
 COMPILE_PREFIX = "_orig_mod."  # what torch.compile puts in front of every parameter name
 TRAINER_STATE = "trainer_state"
+ADAPTER_FILE, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
 
 
 def _tensors_for_file(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -105,9 +108,11 @@ def save_checkpoint(
     optimizer_tensors: dict[str, torch.Tensor],
     state: dict,
     keep_last: int | None,
+    adapter: tuple[dict[str, torch.Tensor], dict] | None = None,
 ) -> Path:
     """Write checkpoint `folder` (…/step_N) atomically, replacing one already there once the new one is
-    complete; then keep only the newest `keep_last` step_N folders beside it (None: touch nothing else)."""
+    complete; then keep only the newest `keep_last` step_N folders beside it (None: touch nothing else).
+    `adapter`: LoRA's tensors and their description, written beside the merged weights."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     remove_unfinished(folder.parent)
@@ -117,6 +122,9 @@ def save_checkpoint(
         cfg.save(tmp / "config.json")
         _save_tensors(model_state, tmp / "model.safetensors", metadata={"format": "pt"})
         tokenizer.save(tmp)
+        if adapter is not None:
+            _save_tensors(adapter[0], tmp / ADAPTER_FILE, metadata={"format": "pt"})
+            _write_json(tmp / ADAPTER_CONFIG, adapter[1])
         (tmp / TRAINER_STATE).mkdir()
         _save_tensors(optimizer_tensors, tmp / TRAINER_STATE / "optimizer.safetensors")
         _save_tensors(rng_tensors(), tmp / TRAINER_STATE / "rng.safetensors")

@@ -9,6 +9,8 @@ per parameter by name and shape (<opt> is the optimizer beside or instead of Muo
                   vector); weight decay cfg.weight_decay
                   The MoE router too: its logits' scale decides how peaked the routing is, and Muon's
                   fixed-size orthogonal steps would move that scale at the hidden matrices' pace.
+                  And LoRA's factors (lora_A, lora_B): B starts at zero, and an orthogonalised step would
+                  give the low-rank update B A a full-size norm from the first step.
   <opt>_no_decay  1-D and 0-D tensors: norm gains, biases, per-layer vectors; never decayed. Also the
                   attention-residual queries (`residual.*`, stored as [n_layers, d] rows of independent
                   vectors, not a matrix): zero-initialised, so decay would only pull them back to uniform
@@ -46,7 +48,7 @@ __all__ = [
 
 OTHERS = ("adamw", "lion", "sgd")  # optimizers that take any parameter, alone or beside Muon
 EMBEDDING_NAMES = ("embed", "lm_head")  # module names whose weights are token embeddings / the output head
-NON_MUON_MATRIX_NAMES = ("router",)  # module names of matrices kept out of Muon (see the module docstring)
+NON_MUON_MATRIX_NAMES = ("router", "lora_A", "lora_B")  # module names of matrices kept out of Muon (see the module docstring)
 VECTOR_NAMES = ("residual",)  # module names whose parameters are stacks of vectors
 
 

@@ -94,6 +94,9 @@ def with_init_model(cfg: RunConfig) -> RunConfig:
     settings), and train.init names that checkpoint folder itself, verified here once (a run folder resolves
     to its newest intact checkpoint); without it, `cfg` as it is."""
     if not cfg.train.init:
+        if cfg.lora.rank:
+            raise ConfigError(f"lora.rank={cfg.lora.rank} needs train.init (--init CHECKPOINT): adapters tune a "
+                              "trained model, whose weights stay frozen")
         return cfg
     try:
         checkpoint = find_checkpoint(cfg.train.init, warn=log)

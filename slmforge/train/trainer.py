@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from slmforge.checkpoint.folder import (
+    ADAPTER_FILE,
     find_checkpoint,
     latest_checkpoint,
     load_weights,
@@ -46,6 +47,7 @@ from slmforge.data.loader import training_batches, validation_batches
 from slmforge.eval.heldout import eval_sums, figures
 from slmforge.hardware import autocast, choose_dtype, choose_threads
 from slmforge.model import build_model
+from slmforge.model.lora import adapter_tensors, add_lora, load_adapters, merged_state_dict
 from slmforge.model.vocab import grow_vocab_rows
 from slmforge.optim import (
     build_optimizers,
@@ -96,6 +98,9 @@ class Trainer:
         self.autocast = autocast(d.device, self.dtype)
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank and every run
         self.model = build_model(cfg.model).to(d.device)
+        self.adapted: list[str] = []  # the modules LoRA adapts (config `lora`), over the frozen init weights
+        if cfg.lora.rank:
+            self.add_adapters()
         self.ddp = distributed.wrap(self.model, d)
         self.train_model = torch.compile(self.ddp) if cfg.train.compile else self.ddp
         self.objective = build_objective(cfg, d.device, self.log)
@@ -130,7 +135,11 @@ class Trainer:
             raise ConfigError(
                 f"cannot resume from {checkpoint}: its phase '{state['phase']}' is not phase {index} of {names}"
             )
-        load_weights(self.model, read_tensors(checkpoint / "model.safetensors"), str(checkpoint / "model.safetensors"))
+        if self.adapted:  # the frozen base came from train.init; the checkpoint's model.safetensors is merged
+            load_adapters(self.model, read_tensors(checkpoint / ADAPTER_FILE), str(checkpoint / ADAPTER_FILE))
+        else:
+            load_weights(self.model, read_tensors(checkpoint / "model.safetensors"),
+                         str(checkpoint / "model.safetensors"))
         restore_rng(rng)
         fields = {f.name for f in dataclasses.fields(Progress)}
         self.progress = Progress(**{k: v for k, v in state.items() if k in fields})
@@ -141,6 +150,19 @@ class Trainer:
             self.progress.phase_index, self.progress.step = index + 1, 0
         self.log(f"resuming from {checkpoint} ({self.progress.tokens:,} tokens seen)")
         return optimizer_tensors, state["optimizer"]
+
+    def add_adapters(self) -> None:
+        """The init checkpoint's weights, frozen, with LoRA adapters on the targeted projections."""
+        lora = self.cfg.lora
+        self.load_init_weights(Path(self.cfg.train.init))
+        try:
+            self.adapted = add_lora(self.model, lora.rank, lora.alpha, lora.targets)
+        except ValueError as e:
+            raise ConfigError(f"lora.targets={lora.targets}: {e}") from None
+        total = sum(p.numel() for p in self.model.parameters())
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.log(f"LoRA rank {lora.rank}, alpha {lora.alpha:g} on {len(self.adapted)} projections: {trainable:,} "
+                 f"trainable parameters ({trainable / total:.2%} of {total:,}); the rest frozen")
 
     def load_init_weights(self, checkpoint: Path) -> None:
         """The weights of train.init, with rows for the ids its tokenizer lacks (see setup.fit_vocab)."""
@@ -271,8 +293,13 @@ class Trainer:
             tensors, meta = optimizer_state_tensors(optimizers)
             state = {**dataclasses.asdict(self.progress), "phase": phase.name, "phase_steps": phase.steps,
                      "data_position": self.progress.step, "world_size": self.d.world_size, "optimizer": meta}
-            save_checkpoint(folder, cfg=self.cfg, model_state=self.model.state_dict(), tokenizer=self.tokenizer,
-                            optimizer_tensors=tensors, state=state, keep_last=self.cfg.train.keep_last)
+            model_state, adapter = self.model.state_dict(), None
+            if self.adapted:
+                model_state = merged_state_dict(self.model)
+                adapter = (adapter_tensors(self.model), {**dataclasses.asdict(self.cfg.lora), "modules": self.adapted,
+                                                        "base": self.cfg.train.init})
+            save_checkpoint(folder, cfg=self.cfg, model_state=model_state, tokenizer=self.tokenizer,
+                            optimizer_tensors=tensors, state=state, keep_last=self.cfg.train.keep_last, adapter=adapter)
         distributed.barrier(self.d)  # no rank runs ahead of a checkpoint still being written
         return folder
 
@@ -337,7 +364,7 @@ class Trainer:
         elif resume:
             self.log(f"--resume: no checkpoint in {self.out}, starting from scratch")
             self.metrics.resume(lambda line: False)
-        if checkpoint is None and self.cfg.train.init:  # a checkpoint folder with_init_model verified
+        if checkpoint is None and self.cfg.train.init and not self.adapted:  # verified by with_init_model
             self.load_init_weights(Path(self.cfg.train.init))
         if self.progress.phase_index == len(self.phases):
             return self.finished_report(checkpoint, start)
