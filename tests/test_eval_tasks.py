@@ -196,14 +196,18 @@ def test_gsm8k_prompt_drops_examples_to_fit_the_context():
     assert text.startswith("Question: q0?\nAnswer: a0 #### 0\n\nQuestion: q1?") and text.endswith(
         "Question: What now?\nAnswer:")
     full = len(tokenizer.encode(text)) + 1
-    ids, budget, kept, cut = build_prompt_ids(tokenizer, 257, shots, "What now?", 256, 2048)
+
+    def encode(shots, question):
+        return [257, *tokenizer.encode(prompt(shots, question))]
+
+    ids, budget, kept, cut = build_prompt_ids(encode, shots, "What now?", 256, 2048)
     assert (len(ids), budget, kept, cut) == (full, 256, 5, 0)
     # a 150-token context keeps 75 to generate: the question (28 tokens) and the last example (33) fit
-    ids, budget, kept, cut = build_prompt_ids(tokenizer, 257, shots, "What now?", 256, 150)
+    ids, budget, kept, cut = build_prompt_ids(encode, shots, "What now?", 256, 150)
     assert (len(ids), budget, kept, cut) == (61, 89, 1, 0)
     assert tokenizer.decode(ids).startswith("Question: q4?")
     # a question longer than the context loses its head, never the generation budget
-    ids, budget, kept, cut = build_prompt_ids(tokenizer, 257, shots, "long " * 100, 256, 100)
+    ids, budget, kept, cut = build_prompt_ids(encode, shots, "long " * 100, 256, 100)
     assert kept == 0 and cut > 0 and len(ids) + budget == 100 and budget == 50
     assert fit_to_context([1, 2, 3], 5, 10) == ([1, 2, 3], 5, 0)
 
@@ -224,6 +228,34 @@ def test_gsm8k_runs_and_records_every_question(preset, tmp_path):
         assert "Question:" not in record["completion"]
     if preset == "axl-code-tiny":  # 256 bytes of context: the examples (about 300 bytes each) do not fit
         assert [r["shots"] for r in saved["records"]] == [0, 0] and saved["settings"]["fewer_shots"] == 2
+
+
+@needs_gsm8k
+def test_gsm8k_chat_asks_through_the_template(tmp_path, capsys):
+    """--chat: each question is a user message in the model's chat template, without examples by default."""
+    from slmforge.data.chat import CHATML
+    from slmforge.eval.gsm8k import chat_messages
+    from slmforge.tokenizer.chat_template import ChatTemplate
+
+    tokenizer = byte_tokenizer().with_special_tokens(["<|im_start|>", "<|im_end|>"], CHATML)
+    cfg = load_config("tiny", ["model.max_seq_len=512"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    run = tmp_path / "run"
+    save_checkpoint(run / "main" / "step_1", cfg=cfg, model_state=model.state_dict(), tokenizer=tokenizer,
+                    optimizer_tensors={}, state={"step": 1}, keep_last=1)
+    assert main(["eval", str(run), "--task", "gsm8k", "--chat", "--limit", "2", "--max-new-tokens", "8"]) == 0
+    saved = json.loads((run / "eval" / "gsm8k.json").read_text())
+    assert saved["settings"]["chat"] is True and saved["settings"]["shots"] == 0
+    assert all(r["shots"] == 0 and "<|im_start|>" not in r["completion"] for r in saved["records"])
+    template = ChatTemplate(CHATML, tokenizer)
+    question = read_rows(GSM8K / "test.jsonl")[0]["question"]
+    assert template.render(chat_messages([], question)) == f"<|im_start|>user\n{question}<|im_end|>\n" \
+        "<|im_start|>assistant\n"
+    shot = {"question": "1+1?", "answer": "#### 2"}
+    assert [m["role"] for m in chat_messages([shot], question)] == ["user", "assistant", "user"]
+    assert main(["eval", str(run), "--task", "ppl", "--chat"]) == 2
+    assert "--chat" in capsys.readouterr().err
 
 
 # ---- choice ----

@@ -22,7 +22,7 @@ def cmd_eval(args) -> None:
     from slmforge.eval.tasks import FLAGS, TaskOptions, run_tasks
 
     options = TaskOptions(
-        limit=args.limit, data=args.data, sources=args.source, shots=args.shots, prompts=args.prompt,
+        limit=args.limit, data=args.data, sources=args.source, shots=args.shots, chat=args.chat, prompts=args.prompt,
         prompts_file=args.prompts, temperature=args.temperature, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens, seed=args.seed, samples=args.samples, k=args.k, stride=args.stride,
         seq_len=args.seq_len, batches=args.batches, batch_size=args.batch_size, device=args.device,
@@ -82,6 +82,8 @@ def register(sub) -> None:
                    help="the first N examples (ppl on --source: documents)")
     p.add_argument("--shots", type=COUNT, default=None, help="gsm8k: worked examples before each question "
                    "(default 5, as lm-evaluation-harness), from the train split")
+    p.add_argument("--chat", action="store_true", help="gsm8k: ask each question as a user message through the "
+                   "model's chat template (0 examples unless --shots, given as earlier turns)")
     p.add_argument("--prompt", action="append", default=[], help="samples: a prompt, repeatable "
                    "(default: the Shard card's six)")
     p.add_argument("--prompts", metavar="FILE", help="samples: prompts, one per line")

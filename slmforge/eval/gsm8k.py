@@ -12,6 +12,10 @@ scores when it equals the reference's "#### n" once both are normalised (commas,
 A prompt longer than the model's context loses its first examples (down to none; then the question's
 head) so that at least half the context, or the asked tokens, remains for the answer; each record says
 how many examples it kept.
+
+With `chat` (for chat models, `--chat`), the question is a user message rendered by the model's chat
+template with the generation prompt, the examples (0 by default) earlier user/assistant turns, and the
+answer ends at the template's end-of-turn marker; it is scored the same way.
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ class Gsm8kPlan:
     limit: int | None = None
     batch_size: int = 8
     progress: bool = False
+    chat: bool = False
 
 
 def prepare(options) -> Gsm8kPlan:
@@ -98,7 +103,7 @@ def prepare(options) -> Gsm8kPlan:
     rows = read_rows(data)
     if options.limit is not None:
         rows = rows[:options.limit]
-    k = DEFAULT_SHOTS if options.shots is None else options.shots
+    k = (0 if options.chat else DEFAULT_SHOTS) if options.shots is None else options.shots
     shots, shots_from = [], None
     if k:
         beside = data.parent / "train.jsonl"  # a GSM8K copy of the user's: its own train split
@@ -112,19 +117,26 @@ def prepare(options) -> Gsm8kPlan:
             raise ValueError(f"--shots {k}: {train_file} has only {len(train)} examples")
         shots = [train[i] for i in random.Random(SHOT_SEED).sample(range(len(train)), k)]
         shots_from = str(train_file)
-    return Gsm8kPlan(str(data), rows, shots, shots_from,
-                     options.max_new_tokens or MAX_NEW_TOKENS, options.limit, options.batch_size, options.progress)
+    return Gsm8kPlan(str(data), rows, shots, shots_from, options.max_new_tokens or MAX_NEW_TOKENS, options.limit,
+                     options.batch_size, options.progress, options.chat)
 
 
-def build_prompt_ids(tokenizer, start: int, shots: list[dict], question: str, max_new_tokens: int,
+def chat_messages(shots: list[dict], question: str) -> list[dict]:
+    turns = [[{"role": "user", "content": s["question"]}, {"role": "assistant", "content": s["answer"]}]
+             for s in shots]
+    return [m for turn in turns for m in turn] + [{"role": "user", "content": question}]
+
+
+def build_prompt_ids(encode_prompt, shots: list[dict], question: str, max_new_tokens: int,
                      context: int) -> tuple[list[int], int, int, int]:
     """(prompt ids, new tokens allowed, examples kept, question tokens cut) for one question: as many of the
-    examples as leave min(max_new_tokens, context // 2) tokens to generate, dropping the first ones."""
+    examples as leave min(max_new_tokens, context // 2) tokens to generate, dropping the first ones.
+    `encode_prompt(shots, question)` gives the ids of a prompt."""
     from slmforge.eval.samples import fit_to_context
 
     need = min(max_new_tokens, context // 2)
     for kept in range(len(shots), -1, -1):
-        ids = [start, *tokenizer.encode(prompt(shots[len(shots) - kept:], question))]
+        ids = encode_prompt(shots[len(shots) - kept:], question)
         if len(ids) + need <= context:
             return ids, min(max_new_tokens, context - len(ids)), kept, 0
     ids, budget, cut = fit_to_context(ids, max_new_tokens, context)
@@ -137,15 +149,30 @@ def run(loaded, plan: Gsm8kPlan) -> TaskResult:
     from slmforge.infer.sampling import SamplingParams
 
     tokenizer, context = loaded.tokenizer, loaded.model.cfg.max_seq_len
-    start = document_start_id(tokenizer)
+    if plan.chat:
+        from slmforge.tokenizer.chat_template import ChatTemplate
+
+        if not tokenizer.chat_template:
+            raise ValueError(f"--chat: {loaded.checkpoint} has no chat template (chat_template in "
+                             "tokenizer_config.json)")
+        template = ChatTemplate(tokenizer.chat_template, tokenizer)
+        stop, stop_ids = [], template.end_of_turn_ids
+
+        def encode_prompt(shots, question):
+            return template.encode(template.render(chat_messages(shots, question), add_generation_prompt=True))
+    else:
+        start, stop, stop_ids = document_start_id(tokenizer), list(STOP), []
+
+        def encode_prompt(shots, question):
+            return [start, *tokenizer.encode(prompt(shots, question))]
     prompts, params, kept, cut = [], [], [], []
     for row in plan.rows:
-        ids, budget, k, c = build_prompt_ids(tokenizer, start, plan.shots, row["question"], plan.max_new_tokens,
+        ids, budget, k, c = build_prompt_ids(encode_prompt, plan.shots, row["question"], plan.max_new_tokens,
                                              context)
         prompts.append(ids)
         kept.append(k)
         cut.append(c)
-        params.append(SamplingParams(max_new_tokens=budget, temperature=0.0, stop=list(STOP)))
+        params.append(SamplingParams(max_new_tokens=budget, temperature=0.0, stop=stop, stop_token_ids=stop_ids))
     requests = generate_all(loaded, prompts, params, plan.batch_size, plan.progress, desc="gsm8k")
     records = []
     for row, request, k, c in zip(plan.rows, requests, kept, cut):
@@ -159,7 +186,9 @@ def run(loaded, plan: Gsm8kPlan) -> TaskResult:
         metrics={"exact_match": correct / len(records), "correct": correct},
         n_examples=len(records),
         settings={"data": plan.data, "shots": len(plan.shots), "shots_from": plan.shots_from,
-                  "shot_seed": SHOT_SEED, "greedy": True, "stop": STOP, "max_new_tokens": plan.max_new_tokens,
+                  "shot_seed": SHOT_SEED, "greedy": True, "chat": plan.chat,
+                  "stop": "the chat template's end of turn" if plan.chat else STOP,
+                  "max_new_tokens": plan.max_new_tokens,
                   "limit": plan.limit, "context": context,
                   "fewer_shots": sum(k < len(plan.shots) for k in kept)},
         records=records,

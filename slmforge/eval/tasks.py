@@ -31,6 +31,7 @@ class TaskOptions:
     data: str | None = None  # the task's data file (ppl: a prepared dataset for the validation split)
     sources: list[str] = field(default_factory=list)  # ppl: texts to score, `data prepare` syntax
     shots: int | None = None  # gsm8k: worked examples before the question
+    chat: bool = False  # gsm8k: through the model's chat template
     prompts: list[str] = field(default_factory=list)  # samples
     prompts_file: str | None = None  # samples: one prompt per line
     temperature: float | None = None  # samples, humaneval
@@ -61,7 +62,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
          "slmforge.eval.perplexity", False,
          frozenset({"limit", "data", "sources", "stride", "seq_len", "batches"})),
     Task("gsm8k", "GSM8K exact match, k-shot, greedy", "slmforge.eval.gsm8k", True,
-         frozenset({"limit", "data", "shots", "max_new_tokens"})),
+         frozenset({"limit", "data", "shots", "max_new_tokens", "chat"})),
     Task("humaneval", "HumanEval pass@k, generated code run sandboxed", "slmforge.eval.tasks:HumanEvalTask", True,
          frozenset({"limit", "data", "temperature", "top_p", "max_new_tokens", "samples", "k", "seed"})),
     Task("choice", "multiple choice by log-likelihood (acc, acc_norm) from --data FILE.jsonl",
@@ -70,7 +71,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
          frozenset({"prompts", "prompts_file", "temperature", "top_p", "max_new_tokens", "seed"})),
 ]}
 
-FLAGS = {"limit": "--limit", "data": "--data", "sources": "--source", "shots": "--shots", "prompts": "--prompt",
+FLAGS = {"limit": "--limit", "data": "--data", "sources": "--source", "shots": "--shots", "chat": "--chat", "prompts": "--prompt",
          "prompts_file": "--prompts", "temperature": "--temperature", "top_p": "--top-p",
          "max_new_tokens": "--max-new-tokens", "seed": "--seed", "samples": "--samples", "k": "--k",
          "stride": "--stride", "seq_len": "--seq-len", "batches": "--batches"}
