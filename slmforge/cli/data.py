@@ -40,6 +40,40 @@ def _prepare_chat(args, tokenizer) -> None:
     print(format_chat_report(meta))
 
 
+def _prepare_preference(args, tokenizer) -> None:
+    import sys
+    from pathlib import Path
+
+    from slmforge.data.chat import parse_chat_source
+    from slmforge.data.preference import format_preference_report, prepare_preference_dataset
+
+    mixed = [flag for flag, value in (("--source", args.source), ("--val-source", args.val_source),
+                                      ("--max-tokens-per-source", args.max_tokens_per_source),
+                                      ("--fim-rate", args.fim_rate), ("--val-chat", args.val_chat),
+                                      ("--role-map", args.role_map), ("--field", args.field),
+                                      ("--chat-format", args.chat_format != "auto"),
+                                      ("--train-on", args.train_on != "assistant")) if value]
+    if mixed:
+        raise ValueError(f"{mixed[0]} is not for preference rows; with --preference give {{prompt, chosen, "
+                         "rejected}} files only (--val-preference for a validation file); the loss reads the final "
+                         "replies")
+    template = args.chat_template
+    if template not in (None, "chatml"):
+        template = Path(template).read_text(encoding="utf-8")
+
+    def pair_source(spec: str):  # the chat sources' syntax, named by this flag in its message
+        try:
+            return parse_chat_source(spec)
+        except ValueError as e:
+            raise ValueError(str(e).replace("--chat ", "--preference ", 1)) from None
+
+    meta = prepare_preference_dataset([pair_source(s) for s in args.preference], tokenizer, args.out,
+                                      template=template, val_fraction=args.val_fraction,
+                                      val_sources=[pair_source(s) for s in args.val_preference],
+                                      skip_bad=args.skip_bad_rows, progress=sys.stderr.isatty())
+    print(format_preference_report(meta))
+
+
 def _load_tokenizer(path: str):
     """A tokenizer.json, a folder holding one, or a run folder (its newest checkpoint's tokenizer)."""
     from pathlib import Path
@@ -60,7 +94,15 @@ def cmd_data_prepare(args) -> None:
 
     if args.fim_spm_rate is not None and not args.fim_rate:
         raise ValueError("--fim-spm-rate orders the fill-in-the-middle documents: give --fim-rate too")
+    if args.chat and args.preference:
+        raise ValueError("--chat and --preference write different datasets (conversations, or pairs for DPO): "
+                         "give one of them")
+    if args.val_preference and not args.preference:
+        raise ValueError("--val-preference needs --preference FILE.jsonl")
     tokenizer = _load_tokenizer(args.tokenizer)
+    if args.preference:
+        _prepare_preference(args, tokenizer)
+        return
     if args.chat:
         _prepare_chat(args, tokenizer)
         return
@@ -129,4 +171,14 @@ def register(sub) -> None:
                       "GSM8K; repeatable")
     chat.add_argument("--skip-bad-rows", action="store_true", help="leave out rows that are not conversations "
                       "(counted by reason) instead of stopping at the first")
+    pairs = p.add_argument_group("preference data (DPO)")
+    pairs.add_argument("--preference", action="append", default=[], metavar="[NAME=]FILE.jsonl[@WEIGHT]",
+                       help="preference pairs, one JSON row per line: {\"prompt\", \"chosen\", \"rejected\"}, "
+                       "the prompt a text (one user message) or a list of messages, each reply a text, an assistant "
+                       "message or a list of messages ending in one; repeatable. Rendered with the chat template "
+                       "(--chat-template) into a preference dataset whose mask holds the final replies; "
+                       "--skip-bad-rows applies")
+    pairs.add_argument("--val-preference", action="append", default=[], metavar="NAME=FILE.jsonl",
+                       help="the whole validation set of preference source NAME (default: --val-fraction of its "
+                       "pairs)")
     p.set_defaults(func=cmd_data_prepare)

@@ -46,12 +46,12 @@ class TokenDataset:
         except (KeyError, TypeError) as e:
             raise ValueError(f"{meta_file} is missing or has a bad entry: {e!r}") from e
         self.meta = meta
-        # chat data (slmforge.data.chat): per split and source, the loss mask of every token and where each
-        # conversation starts
+        # chat and preference data (slmforge.data.chat, .preference): per split and source, the loss mask of
+        # every token and where each conversation starts
         self.kind = meta.get("kind", "text")
         self.masks: dict[str, dict[str, np.ndarray]] = {}
         self.offsets: dict[str, dict[str, np.ndarray]] = {}
-        if self.kind == "chat":
+        if self.kind in ("chat", "preference"):
             for split, arrays in (("train", self.train), ("val", self.val)):
                 self.masks[split] = {n: self._open(n, split, len(a), "mask", np.dtype(np.uint8)) for n, a in arrays.items()}
                 self.offsets[split] = {n: self._offsets(n, split, len(a)) for n, a in arrays.items()}
@@ -241,8 +241,12 @@ def _weighted_round_robin(total: int, weights: dict[str, float], capacity: dict[
 def training_batches(dataset: TokenDataset, seq_len: int, batch_size: int, seed: int, rank: int = 0,
                      world_size: int = 1, weights: dict[str, float] | None = None, grad_accum: int = 1,
                      pack: bool = True):
-    """The training batches of `dataset`: windows of text, or whole conversations of chat data (packed
-    with `pack`, else padded); each has `get(step, micro) -> Batch`."""
+    """The training batches of `dataset`: windows of text, whole conversations of chat data (packed with
+    `pack`, else padded), or pairs of preference data (always padded); each has `get(step, micro) -> Batch`."""
+    if dataset.kind == "preference":
+        from slmforge.data.preference_batches import PairBatches
+
+        return PairBatches(dataset, seq_len, batch_size, seed, rank, world_size, weights, grad_accum)
     if dataset.kind == "chat":
         from slmforge.data.conversation_batches import ConversationBatches
 
@@ -252,7 +256,12 @@ def training_batches(dataset: TokenDataset, seq_len: int, batch_size: int, seed:
 
 def validation_batches(dataset: TokenDataset, seq_len: int, batch_size: int, max_batches: int,
                        weights: dict[str, float] | None = None, pack: bool = True) -> list[Batch]:
-    """The fixed validation set of `dataset` (see `val_batches`; chat data: `conversation_val_batches`)."""
+    """The fixed validation set of `dataset` (see `val_batches`; chat data: `conversation_val_batches`;
+    preference data: `preference_val_batches`, the chosen replies)."""
+    if dataset.kind == "preference":
+        from slmforge.data.preference_batches import preference_val_batches
+
+        return preference_val_batches(dataset, seq_len, batch_size, max_batches, weights)
     if dataset.kind == "chat":
         from slmforge.data.conversation_batches import conversation_val_batches
 

@@ -1,6 +1,7 @@
 """What a training step minimises, given the model and one `Batch`: the trainer calls an objective and
 knows nothing of how its loss is made. Language modeling covers pretraining and supervised fine-tuning
-(the batch's targets mask what is not learned); distillation adds a teacher's distribution."""
+(the batch's targets mask what is not learned); distillation adds a teacher's distribution; preference
+tuning (DPO) compares the replies of pairs against a frozen reference."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from collections.abc import Callable
 
 import torch
 
-from slmforge.config import RunConfig
+from slmforge.config import ConfigError, RunConfig
 from slmforge.data.batch import Batch
+from slmforge.train.dpo import dpo_loss, sequence_logprobs
 from slmforge.train.loss import distillation_kl, lm_loss
 
 
@@ -47,9 +49,73 @@ class Distillation(LanguageModeling):
         return loss + self.weight * self.temperature ** 2 * kl, parts, aux
 
 
+class Preference:
+    """DPO on batches of pairs (slmforge.data.preference_batches: B chosen rows, then their B rejected rows):
+    -log σ(β ((π_c - ref_c) - (π_r - ref_r))) averaged over pairs, from each reply's summed log-probability
+    under the policy (π) and the frozen reference (ref, without gradients, in eval mode), plus the model's
+    own auxiliary losses (a router balance loss)."""
+
+    def __init__(self, reference: torch.nn.Module, beta: float):
+        self.reference, self.beta = reference.eval().requires_grad_(False), beta
+
+    def __call__(self, model, batch: Batch) -> tuple[torch.Tensor, dict, dict]:
+        logits, aux = model(batch.tokens, **batch.model_inputs())
+        policy = sequence_logprobs(logits, batch.targets)
+        with torch.no_grad():
+            reference_logits, _ = self.reference(batch.tokens, **batch.model_inputs())
+            reference = sequence_logprobs(reference_logits, batch.targets)
+        pairs = len(batch) // 2
+        loss, parts = dpo_loss(policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], self.beta)
+        model_losses = {k: v for k, v in aux.items() if k.endswith("_loss")}
+        parts.update({k: v.detach() for k, v in model_losses.items()})
+        # DPO does not train the multi-token-prediction modules; a zero term keeps them in the graph, so that
+        # DDP finds a (zero) gradient for every parameter
+        unused = sum(m.float().mean() for m in aux.get("mtp_logits") or [])
+        return loss + sum(model_losses.values()) + 0.0 * unused, parts, aux
+
+
+def _preference_objective(cfg: RunConfig, device: torch.device, log: Callable[[str], None]) -> Preference | None:
+    """DPO when the run's data is preference data (data prepare --preference), else None."""
+    from slmforge.data.loader import TokenDataset
+
+    phases = cfg.run_phases()
+    kinds = [TokenDataset(p.data.path).kind == "preference" for p in phases]
+    if not any(kinds):
+        return None
+    if not all(kinds):
+        raise ConfigError(f"phase '{phases[kinds.index(True)].name}' trains on preference data and phase "
+                          f"'{phases[kinds.index(False)].name}' does not: a run has one objective, so tune "
+                          "preferences in a run of their own (train.init: the other run)")
+    if cfg.distill.teacher:
+        raise ConfigError(f"distill.teacher={cfg.distill.teacher} with preference data: DPO and distillation are "
+                          "two objectives, a run has one")
+    reference = cfg.preference.reference or cfg.train.init
+    if not reference:
+        raise ConfigError("DPO on preference data needs a reference model: set train.init (the model to tune, "
+                          "also the reference by default) or preference.reference")
+    from slmforge.checkpoint.integrity import CheckpointError
+    from slmforge.infer.load import load_model
+
+    try:
+        loaded = load_model(reference, device=str(device), dtype="fp32")
+    except CheckpointError as e:
+        raise ConfigError(f"preference.reference={reference}: {e}") from None
+    if loaded.config.model.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(f"preference.reference={reference}: its vocabulary has {loaded.config.model.vocab_size} "
+                          f"tokens, the policy's {cfg.model.vocab_size}: DPO compares the two models' "
+                          "log-probabilities of the same tokens")
+    log(f"DPO against the frozen reference {loaded.checkpoint} "
+        f"({sum(p.numel() for p in loaded.model.parameters()):,} parameters; beta {cfg.preference.beta:g})")
+    return Preference(loaded.model, cfg.preference.beta)
+
+
 def build_objective(cfg: RunConfig, device: torch.device, log: Callable[[str], None]):
-    """The objective `cfg` asks for: distillation when distill.teacher is set, else language modeling."""
+    """The objective `cfg` asks for: DPO on preference data, distillation when distill.teacher is set, else
+    language modeling."""
     t = cfg.train
+    preference = _preference_objective(cfg, device, log)
+    if preference is not None:
+        return preference
     if cfg.distill.teacher:
         from slmforge.infer.load import load_model
 

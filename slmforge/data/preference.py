@@ -1,0 +1,186 @@
+"""Preference data for DPO: `{"prompt", "chosen", "rejected"}` rows rendered by a chat template, as chat
+data is, into a dataset of pairs.
+
+A preference dataset is a chat dataset (see `slmforge.data.chat`: tokens, mask and offsets per split and
+source) whose meta.json says `"kind": "preference"` and whose conversations come in pairs: prompt + chosen
+at each even index, prompt + rejected right after it. Only the final reply (and its end-of-turn marker) is
+in the mask, so a sequence's log-probability is the reply's given the prompt.
+
+    prompt     "text" (one user message) or [{"role", "content"}, ...] ending in a user message
+    chosen     "text" (the assistant's reply), {"role": "assistant", "content"}, or a list of messages
+    rejected   ending in the assistant's reply (turns between the prompt and the reply)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from slmforge.data.chat import ChatSource, _Split, chat_tokenizer, encode_conversation
+from slmforge.data.conversations import BadRow, RowFormat, to_messages
+from slmforge.data.prepare import FORMAT_VERSION, _check_replaceable, _is_val, _move_into_place, \
+    _remove_leftovers_of_dead_runs
+from slmforge.tokenizer.chat_template import ChatTemplate, TemplateError
+from slmforge.tokenizer.tokenizer import Tokenizer
+
+
+def _messages(value, where: str, name: str, role: str) -> list[dict]:
+    """A prompt or reply field as checked messages: text is one message of `role`, a dict one message, a
+    list several; the last must be `role`'s."""
+    if value is None:
+        raise BadRow(where, f"{name} is missing", "missing field")
+    if isinstance(value, str):
+        if not value.strip():
+            raise BadRow(where, f"{name} is empty", "empty field")
+        return [{"role": role, "content": value}]
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise BadRow(where, f"{name} is {type(value).__name__}, not text, a message or a list of messages",
+                     "bad field")
+    messages = to_messages({name: value}, where, RowFormat("messages", fields={"messages": name}))
+    if messages[-1]["role"] != role:
+        raise BadRow(where, f"{name} must end with the {role}'s message, not the {messages[-1]['role']}'s",
+                     "bad field")
+    return messages
+
+
+def to_pair(row, where: str) -> tuple[list[dict], list[dict]]:
+    """(prompt + chosen, prompt + rejected) messages of a preference row; raises BadRow."""
+    if not isinstance(row, dict):
+        raise BadRow(where, f"a row must be a JSON object, got {type(row).__name__}", "not an object")
+    prompt = _messages(row.get("prompt"), where, "prompt", "user")
+    chosen = _messages(row.get("chosen"), where, "chosen", "assistant")
+    rejected = _messages(row.get("rejected"), where, "rejected", "assistant")
+    if chosen == rejected:
+        raise BadRow(where, "chosen and rejected are the same reply: the pair prefers nothing", "same reply")
+    return prompt + chosen, prompt + rejected
+
+
+def read_pairs(path: Path, skip_bad: bool, skipped: dict[str, int]) -> Iterator[tuple[str, tuple]]:
+    """(where, (chosen conversation, rejected conversation)) for each row of a .jsonl file. A bad row raises
+    BadRow, or with `skip_bad` is counted in `skipped` by reason and left out."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            for number, line in enumerate(file, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path} line {number}"
+                try:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise BadRow(where, f"not valid JSON ({e.msg})", "not JSON") from None
+                    yield where, to_pair(row, where)
+                except BadRow as e:
+                    if not skip_bad:
+                        raise
+                    skipped[e.reason] = skipped.get(e.reason, 0) + 1
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _write_pair_source(source: ChatSource, val_source: ChatSource | None, template: ChatTemplate, folder: Path,
+                       dtype, val_fraction: float, skip_bad: bool, progress: bool) -> dict:
+    folder.mkdir()
+    splits, skipped = {"train": _Split(), "val": _Split()}, {}
+    stream = [(source.path, None)] + ([(val_source.path, "val")] if val_source else [])
+    index = 0
+    bar = tqdm(desc=f"{source.name:>12}", unit=" pairs", disable=not progress)
+    for path, forced in stream:
+        for where, pair in read_pairs(path, skip_bad, skipped):
+            try:
+                encoded = [encode_conversation(template, messages, "last") for messages in pair]
+            except TemplateError as e:
+                if not skip_bad:
+                    raise ValueError(f"{where}: {e}") from None
+                skipped["template failed"] = skipped.get("template failed", 0) + 1
+                continue
+            split = forced or ("train" if val_source else ("val" if _is_val(index, val_fraction) else "train"))
+            for ids, mask in encoded:  # chosen, then rejected: a pair is two neighbouring conversations
+                splits[split].add(ids, mask)
+            index += 1
+            bar.update()
+    bar.close()
+    for split, data in splits.items():
+        data.write(folder, split, dtype)
+    lengths = splits["train"].lengths + splits["val"].lengths
+    return {
+        "paths": str(source.path), "val_paths": str(val_source.path) if val_source else None, "fields": None,
+        "weight": source.weight, "documents": len(lengths),
+        "train_pairs": len(splits["train"].lengths) // 2, "val_pairs": len(splits["val"].lengths) // 2,
+        "train_tokens": int(sum(splits["train"].lengths)), "val_tokens": int(sum(splits["val"].lengths)),
+        "trained_tokens": int(sum(int(m.sum()) for m in splits["train"].masks)),
+        "longest": max(lengths, default=0), "median_length": int(np.median(lengths)) if lengths else 0,
+        "bytes": 0, "skipped_files": 0, "skipped_lines": sum(skipped.values()), "skip_reasons": skipped,
+    }
+
+
+def prepare_preference_dataset(sources: list[ChatSource], tokenizer: Tokenizer, out_dir: str | Path,
+                               template: str | None = None, val_fraction: float = 0.01,
+                               val_sources: list[ChatSource] | None = None, skip_bad: bool = False,
+                               progress: bool = True) -> dict:
+    """Render preference .jsonl `sources` into a preference dataset folder at `out_dir`; return its
+    meta.json content. `template`: as `chat_tokenizer` takes it. Written beside `out_dir` and renamed into
+    place at the end: a bad row leaves nothing behind."""
+    if not sources:
+        raise ValueError("--preference needs at least one .jsonl file")
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"preference source names must be unique, got {names}")
+    held_out = {s.name: s for s in val_sources or []}
+    for s in [*sources, *held_out.values()]:
+        if not s.path.is_file():
+            raise FileNotFoundError(f"{s.path}: no such file")
+    if set(held_out) - set(names):
+        raise ValueError(f"validation files name no --preference source: {sorted(set(held_out) - set(names))}")
+    tokenizer = chat_tokenizer(tokenizer, template)
+    chat_template = ChatTemplate(tokenizer.chat_template, tokenizer)
+    out_dir = Path(out_dir)
+    _check_replaceable(out_dir)
+    _remove_leftovers_of_dead_runs(out_dir)
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
+    partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        partial.mkdir(parents=True)
+        tokenizer.save(partial)
+        per_source = {s.name: _write_pair_source(s, held_out.get(s.name), chat_template, partial / s.name, dtype,
+                                                 val_fraction, skip_bad, progress)
+                      for s in sources}
+        empty = [n for n, m in per_source.items() if not m["train_pairs"]]
+        if empty:
+            raise ValueError(f"no pair to train on in {empty}: "
+                             + "; ".join(f"{n}: skipped {per_source[n]['skip_reasons'] or 'nothing'}" for n in empty))
+        meta = {"format_version": FORMAT_VERSION, "kind": "preference", "dtype": dtype.name,
+                "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id,
+                "pad_id": tokenizer.pad_id, "train_on": "last", "val_fraction": val_fraction,
+                "sources": per_source,
+                "total": {k: sum(m[k] for m in per_source.values())
+                          for k in ("documents", "train_pairs", "val_pairs", "train_tokens", "val_tokens",
+                                    "trained_tokens", "bytes", "skipped_files", "skipped_lines")}}
+        (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        _move_into_place(partial, out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return meta
+
+
+def format_preference_report(meta: dict) -> str:
+    rows = [f"{'source':<16}{'train pairs':>12}{'val pairs':>10}{'tokens':>12}{'learned':>10}{'median':>8}"
+            f"{'longest':>9}  skipped"]
+    for name, m in meta["sources"].items():
+        tokens = m["train_tokens"] + m["val_tokens"]
+        reasons = ", ".join(f"{k}: {v:,}" for k, v in m["skip_reasons"].items()) or "none"
+        rows.append(f"{name:<16}{m['train_pairs']:>12,}{m['val_pairs']:>10,}{tokens:>12,}"
+                    f"{m['trained_tokens'] / max(m['train_tokens'], 1):>10.1%}{m['median_length']:>8,}"
+                    f"{m['longest']:>9,}  {reasons}")
+    return "\n".join(rows) + ("\nlearned: the share of training tokens in the replies the loss compares; sequences "
+                              "longer than a run's data.seq_len + 1 tokens are cut to it")

@@ -1,0 +1,96 @@
+"""Batches of preference pairs (slmforge.data.preference) for DPO.
+
+A batch of B pairs is a Batch of 2B padded rows: the B chosen sequences first, then the B rejected ones in
+the same order, so pair i is rows i and B + i. One sequence per row, never packed: DPO needs each reply's
+log-probability, which in a row of its own is the row's sum over its targets, and the two replies of a
+pair share their prompt, so packing would mostly fill rows with the same prompt twice. A sequence longer
+than seq_len + 1 tokens keeps its first seq_len + 1 (the end of its reply is lost; `describe` counts it).
+
+Stateless like ConversationBatches: epoch e's order of pairs is a function of (seed, e); global pair
+g = ((step * grad_accum + micro) * world_size + rank) * batch_size + i walks through epoch after epoch, so
+resuming needs only the step and N processes see the pairs one process with N times the batch would.
+A source's weight repeats its pairs per epoch: 2 takes each twice, 0.5 a seeded half.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from slmforge.data.batch import Batch
+from slmforge.data.conversation_batches import Conversations
+
+
+def _batch(conversations: Conversations, pairs: list[int], width: int) -> Batch:
+    """Rows of the chosen sequences of `pairs`, then of their rejected ones (2p and 2p + 1)."""
+    members = [2 * p for p in pairs] + [2 * p + 1 for p in pairs]
+    rows = [conversations.row(np.array([c]), width)[:2] for c in members]
+    tokens, targets = (torch.from_numpy(np.stack(parts)) for parts in zip(*rows))
+    return Batch(tokens, targets)
+
+
+class PairBatches:
+    """`get(step, micro)`: this rank's Batch of 2 * batch_size rows, batch_size pairs."""
+
+    def __init__(self, dataset, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 weights: dict[str, float] | None = None, grad_accum: int = 1):
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
+        self.conversations = Conversations(dataset, "train", seq_len + 1, weights)
+        self.pair_weight = self.conversations.weight[0::2]  # a pair's two sequences share their source's weight
+        self._epochs: dict[int, np.ndarray] = {}
+        self._epoch_starts = [0]  # global pair index where each computed epoch starts
+
+    def __len__(self) -> int:
+        return len(self.pair_weight)
+
+    def epoch(self, e: int) -> np.ndarray:
+        """The pairs of epoch e, in order."""
+        if e not in self._epochs:
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, e])))
+            whole = np.floor(self.pair_weight).astype(np.int64)
+            extra = rng.random(len(self)) < self.pair_weight - whole  # a weight's fractional part, drawn per epoch
+            self._epochs[e] = rng.permutation(np.repeat(np.arange(len(self)), whole + extra))
+            for old in [k for k in self._epochs if k < e - 1]:
+                del self._epochs[old]
+        return self._epochs[e]
+
+    def _locate(self, g: int) -> int:
+        e = 0
+        while True:
+            if e + 1 >= len(self._epoch_starts):
+                self._epoch_starts.append(self._epoch_starts[e] + len(self.epoch(e)))
+            if g < self._epoch_starts[e + 1]:
+                return int(self.epoch(e)[g - self._epoch_starts[e]])
+            e += 1
+
+    def get(self, step: int, micro: int = 0) -> Batch:
+        if step < 0 or micro < 0:
+            raise ValueError(f"step and micro must be >= 0, got {step} and {micro}")
+        first = ((step * self.grad_accum + micro) * self.world_size + self.rank) * self.batch_size
+        return _batch(self.conversations, [self._locate(g) for g in range(first, first + self.batch_size)],
+                      self.seq_len + 1)
+
+    def describe(self) -> str:
+        """One line on what the rows hold, for the run's log: the count and cost of cut sequences."""
+        c = self.conversations
+        text = (f"{len(self):,} preference pairs, one sequence per row: a batch of {self.batch_size} pairs is "
+                f"{2 * self.batch_size} rows of {self.seq_len + 1} tokens (the chosen replies, then the rejected "
+                f"ones), {len(self.epoch(0)):,} pairs per epoch")
+        cut, lost, total = c.truncation()
+        if cut:
+            text += (f"; {cut:,} sequences are longer than seq_len + 1 = {self.seq_len + 1} and keep their first "
+                     f"{self.seq_len + 1} tokens, losing {lost:,} of the {total:,} reply tokens ({lost / total:.2%})")
+        return text
+
+
+def preference_val_batches(dataset, seq_len: int, batch_size: int, max_batches: int,
+                           weights: dict[str, float] | None = None) -> list[Batch]:
+    """A fixed validation set: the chosen sequences of the val pairs in their order, one per row, up to
+    `max_batches` batches of `batch_size` rows (the last may be short). The trainer's val_loss is then the
+    cross-entropy of the preferred replies."""
+    c = Conversations(dataset, "val", seq_len + 1, weights)
+    chosen = list(range(0, len(c), 2))[:max_batches * batch_size]
+    rows = [c.row(np.array([i]), seq_len + 1)[:2] for i in chosen]
+    return [Batch(*(torch.from_numpy(np.stack(parts)) for parts in zip(*rows[i:i + batch_size])))
+            for i in range(0, len(rows), batch_size)]
