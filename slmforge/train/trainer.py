@@ -202,9 +202,10 @@ class Trainer:
         accum = self.cfg.train.grad_accum
         totals: dict[str, torch.Tensor] = {}
         expert_load = None  # [n_moe_layers, n_experts] tokens routed over the step (MoE models)
-        dropped = 0
+        dropped = rows_tokens = 0
         for micro in range(accum):
             batch = batches.get(step, micro).to(self.d.device, non_blocking=True)
+            rows_tokens += batch.tokens.numel()  # a preference batch holds two rows per pair
             with distributed.grad_sync(self.ddp, sync=micro == accum - 1):
                 with self.autocast:
                     loss, parts, aux = self.objective(self.train_model, batch)
@@ -233,6 +234,7 @@ class Trainer:
                 self.model.update_routing_biases(expert_load)
             record.update(load_metrics(expert_load), moe_dropped_tokens=dropped)
         record["lr"] = {g["name"]: g["lr"] for opt in optimizers for g in opt.param_groups}
+        record["step_tokens"] = rows_tokens * self.d.world_size  # every rank's rows have the same shape
         return record
 
     def check_skips(self, record: dict, phase: PhaseConfig, step: int) -> None:
@@ -328,15 +330,15 @@ class Trainer:
     def run_steps(self, phase: PhaseConfig, optimizers: list, batches, val: list, bar: tqdm) -> None:
         """The optimizer steps of a phase from self.progress.step to its end, with evaluations and checkpoints."""
         t, d = self.cfg.train, self.d
-        tokens_per_step = t.grad_accum * phase.data.batch_size * phase.data.seq_len * d.world_size
         for step in range(self.progress.step, phase.steps):
             t0 = time.perf_counter()
             record = {"step": step + 1, "phase": phase.name, **self.train_step(phase, optimizers, batches, step)}
             dt = time.perf_counter() - t0
             self.started = True
             self.progress.step = done = step + 1
-            self.progress.tokens += tokens_per_step
-            record.update(tokens=self.progress.tokens, tokens_per_s=tokens_per_step / dt, dt=dt)
+            step_tokens = record.pop("step_tokens")
+            self.progress.tokens += step_tokens
+            record.update(tokens=self.progress.tokens, tokens_per_s=step_tokens / dt, dt=dt)
             if t.rank_check_every and done % t.rank_check_every == 0 and d.is_main:
                 self.rank_check(record, optimizers)
             self.metrics.write(**record)
