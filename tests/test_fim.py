@@ -14,7 +14,7 @@ from slmforge.checkpoint import save_checkpoint
 from slmforge.cli import main
 from slmforge.config import load_config
 from slmforge.data.fim import FIM_TOKENS, FimCut, FimTransform, draw_cut, find_fim_ids, with_fim_tokens
-from slmforge.data.prepare import prepare_dataset
+from slmforge.data.prepare import format_report, prepare_dataset
 from slmforge.data.sources import Source
 from slmforge.model import build_model
 from slmforge.tokenizer import byte_tokenizer, load_tokenizer, train_bpe
@@ -132,6 +132,8 @@ def test_prepared_dataset_has_fim_train_plain_val_and_the_tokenizer(tmp_path):
     arranged = [ids for ids in train if ids[0] == fim.prefix]
     assert len(arranged) == meta["fim"]["documents"]["code"] == meta["sources"]["code"]["fim_documents"]
     assert 0 < len(arranged) < len(train)
+    assert (f"fill-in-the-middle: {len(arranged)} training documents rearranged (rate 0.5, in SPM order at 0.5, "
+            "seed 3); validation plain") in format_report(meta)
     assert sorted(restore(ids, tokenizer, fim) if ids[0] == fim.prefix else tokenizer.decode(ids)
                   for ids in train + val) == sorted(CODE)
     assert all(t < 256 for ids in val for t in ids)  # validation stays plain text
@@ -181,6 +183,7 @@ def test_bad_fim_input_is_one_line(tmp_path, capsys):
                                                               "in a middle: give one or the other"),
         (["--prefix", "a", "--suffix", "b", "--speculative", "--greedy"], "--speculative continues --prompt"),
         ([], "give --prompt TEXT to continue, or --prefix TEXT --suffix TEXT"),
+        (["--prompt", "a", "--spm"], "--spm orders a fill-in-the-middle prompt: give --prefix and --suffix"),
         (["--prefix", "a", "--suffix", "b"], f"{run} cannot fill in the middle: its tokenizer lacks the "
                                              "fill-in-the-middle tokens <fim_prefix>, <fim_suffix>, <fim_middle>"),
     ]:
@@ -219,3 +222,6 @@ def test_sample_fills_in_the_middle_from_the_psm_prompt(tmp_path, capsys, monkey
     assert printed[1:] == [*first.text.split("\n"), f"--- 'é' ... '' ({second.finish_reason})",
                            *second.text.split("\n"), ""]
     assert first.text == byte_tokenizer().decode(first.token_ids)
+
+    assert main(["sample", str(run), "--prefix", "def f(", "--suffix", "):\n", "--spm", "--max-new-tokens", "3"]) == 0
+    assert seen["prompts"] == [[258, 259, *b"):\n", 260, *b"def f("]]

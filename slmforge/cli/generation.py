@@ -18,7 +18,7 @@ def cmd_sample(args) -> None:
         repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
     )
     if pairs:
-        _sample_middles(model, tokenizer, pairs, params, args.run)
+        _sample_middles(model, tokenizer, pairs, params, args.run, args.spm)
         return
     if args.speculative:
         _sample_speculative(model, tokenizer, args.prompt, params)
@@ -31,6 +31,8 @@ def cmd_sample(args) -> None:
 def _fim_pairs(args) -> list[tuple[str, str]]:
     """The (prefix, suffix) pairs to fill in, [] for --prompt; a mix or an unpaired flag is refused."""
     if args.prefix is None and args.suffix is None:
+        if args.spm:
+            raise ValueError("--spm orders a fill-in-the-middle prompt: give --prefix and --suffix")
         if not args.prompt:
             raise ValueError("give --prompt TEXT to continue, or --prefix TEXT --suffix TEXT to fill in the middle")
         return []
@@ -45,9 +47,9 @@ def _fim_pairs(args) -> list[tuple[str, str]]:
     return list(zip(prefixes, suffixes))
 
 
-def _sample_middles(model, tokenizer, pairs: list[tuple[str, str]], params, run: str) -> None:
-    """Print the middle generated between each prefix and suffix, from the prefix-suffix-middle prompt; a
-    middle ends at EOS or at a FIM marker (or a file separator) the tokenizer has."""
+def _sample_middles(model, tokenizer, pairs: list[tuple[str, str]], params, run: str, spm: bool) -> None:
+    """Print the middle generated between each prefix and suffix, from the prefix-suffix-middle prompt (or
+    suffix-prefix-middle); a middle ends at EOS or at a FIM marker (or a file separator) the tokenizer has."""
     from dataclasses import replace
 
     from slmforge.data.fim import find_fim_ids, missing_fim_tokens
@@ -56,7 +58,8 @@ def _sample_middles(model, tokenizer, pairs: list[tuple[str, str]], params, run:
     fim = find_fim_ids(tokenizer)
     if fim is None:
         raise ValueError(f"{run} cannot fill in the middle: {missing_fim_tokens(tokenizer)}")
-    prompts = [fim.psm_prompt(tokenizer.encode(prefix), tokenizer.encode(suffix)) for prefix, suffix in pairs]
+    order = fim.spm_prompt if spm else fim.psm_prompt
+    prompts = [order(tokenizer.encode(prefix), tokenizer.encode(suffix)) for prefix, suffix in pairs]
     params = replace(params, stop_token_ids=[*params.stop_token_ids, *fim.ends])
     for (prefix, suffix), completion in zip(pairs, generate_ids(model, prompts, params, eos_id=tokenizer.eos_id,
                                                                  decode=tokenizer.decode)):
@@ -110,6 +113,8 @@ def register(sub) -> None:
                    "--prefix paired with the n-th --suffix (pairs decode together). Prints only the middle; needs a "
                    "tokenizer with FIM tokens (data prepared with --fim-rate)")
     p.add_argument("--suffix", action="append", help="fill in the middle: the text after it (see --prefix)")
+    p.add_argument("--spm", action="store_true", help="fill in the middle from the suffix-prefix-middle prompt, "
+                   "for models trained with --fim-spm-rate > 0 (default: prefix-suffix-middle)")
     p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=100)
     p.add_argument("--min-new-tokens", type=COUNT, default=0)
     p.add_argument("--greedy", action="store_true")

@@ -7,8 +7,8 @@ are moved so that the middle comes last, behind marker tokens:
     PSM   <fim_prefix> prefix <fim_suffix> suffix <fim_middle> middle <eos>
     SPM   <fim_prefix> <fim_suffix> suffix <fim_middle> prefix middle <eos>
 
-Every token is trained on as usual, so the model learns to write the middle after <fim_middle> and to end
-it with EOS. Generation gives the PSM prompt (up to <fim_middle>) and decodes the middle.
+Every token is trained on as usual, so the model learns to write the middle after <fim_middle> (SPM: after
+the prefix) and to end it with EOS. Generation gives one of these prompts without the middle and decodes it.
 
 The markers are ids, never text: `Tokenizer.encode` spells a literal "<fim_prefix>" as its characters, so
 the pieces are encoded apart and joined with the marker ids here. Data preparation, `slmforge sample
@@ -44,14 +44,16 @@ class FimIds:
     ends: tuple[int, ...]
 
     def psm_prompt(self, prefix: Sequence[int], suffix: Sequence[int]) -> list[int]:
-        """The ids a model continues with the middle."""
+        """The ids a model continues with the middle, in prefix-suffix-middle order."""
         return [self.prefix, *prefix, self.suffix, *suffix, self.middle]
+
+    def spm_prompt(self, prefix: Sequence[int], suffix: Sequence[int]) -> list[int]:
+        """The same in suffix-prefix-middle order: the middle continues the prefix directly."""
+        return [self.prefix, self.suffix, *suffix, self.middle, *prefix]
 
     def arrange(self, prefix: Sequence[int], middle: Sequence[int], suffix: Sequence[int], spm: bool) -> list[int]:
         """A training example: the three pieces in PSM or SPM order, the middle last."""
-        if spm:
-            return [self.prefix, self.suffix, *suffix, self.middle, *prefix, *middle]
-        return [*self.psm_prompt(prefix, suffix), *middle]
+        return [*(self.spm_prompt if spm else self.psm_prompt)(prefix, suffix), *middle]
 
 
 def find_fim_ids(tokenizer: Tokenizer) -> FimIds | None:

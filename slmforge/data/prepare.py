@@ -308,4 +308,8 @@ def format_report(meta: dict) -> str:
             f"{tokens / total_tokens:>8.1%}{m['weight'] / total_weight:>8.1%}{m['bytes'] / max(tokens, 1):>7.2f}"
             f"  {m['skipped_files']:,} files, {m['skipped_lines']:,} lines"
         )
+    fim = meta.get("fim")  # absent from datasets prepared before FIM existed
+    if fim:
+        rows.append(f"fill-in-the-middle: {sum(fim['documents'].values()):,} training documents rearranged (rate "
+                    f"{fim['rate']:g}, in SPM order at {fim['spm_rate']:g}, seed {fim['seed']}); validation plain")
     return "\n".join(rows)
