@@ -132,3 +132,28 @@ def test_shard_recipe_learns_more_than_byte_frequencies(mixture, tmp_path):
     frequencies_only = sum(unigram[b.targets].sum().item() for b in batches) / sum(b.scored for b in batches)
     final = report["phases"][-1]["val_loss"]
     assert final < frequencies_only - 0.3 < math.log(258), (final, frequencies_only)
+
+
+def test_a_fine_tuning_recipe_prepares_its_chat_data_with_the_init_tokenizer(tmp_path):
+    """init + chat: the chat data is written once with the init checkpoint's tokenizer and the run starts from
+    its weights; a chat section without init is one line."""
+    from helpers import random_checkpoint
+    from slmforge.recipes import PRETRAINED, run_recipe
+    from test_chat_data import conversations, write_rows
+
+    base = random_checkpoint(tmp_path / "base", [])
+    rows = write_rows(tmp_path / "chat.jsonl", conversations(30))
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(json.dumps({"card": "test", "init": str(base), "chat": {"sources": [f"c={rows}"],
+                                                                             "val_fraction": 0.2},
+                                  "run": {"base": "tiny", "train": {"steps": 2, "eval_every": 2}}}))
+    report = run_recipe(str(recipe), tmp_path / "run", cache=tmp_path / "cache")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["train"]["init"] == str(base.resolve()) and config["model"]["vocab_size"] == 512
+    data = Path(config["data"]["path"])
+    assert data.parent.parent == tmp_path / "cache" and json.loads((data / "meta.json").read_text())["kind"] == "chat"
+    assert report["recipe"] == "sft" and report["tokens"] > 0
+    assert "smollm2-135m-instruct" in PRETRAINED and "smollm2-gsm8k-chat" in list_recipes()
+    recipe.write_text(json.dumps({"chat": {"sources": [str(rows)]}, "run": {"base": "tiny"}}))
+    with pytest.raises(ConfigError, match="a chat section fine-tunes a model: name it with init"):
+        run_recipe(str(recipe), tmp_path / "other", cache=tmp_path / "cache")

