@@ -47,8 +47,7 @@ from slmforge.data.loader import training_batches, validation_batches
 from slmforge.eval.heldout import eval_sums, figures
 from slmforge.hardware import autocast, choose_dtype, choose_threads
 from slmforge.model import build_model
-from slmforge.model.lora import adapter_tensors, add_lora, load_adapters, merged_state_dict
-from slmforge.model.vocab import grow_vocab_rows
+from slmforge.model.lora import adapter_tensors, load_adapters, merged_state_dict
 from slmforge.optim import (
     build_optimizers,
     load_optimizer_state,
@@ -61,6 +60,7 @@ from slmforge.optim import (
 from slmforge.tokenizer import Tokenizer
 from slmforge.train import distributed
 from slmforge.train.errors import TrainingError
+from slmforge.train.init_weights import add_adapters, load_init_weights
 from slmforge.train.objective import build_objective
 from slmforge.train.metrics import MetricsLog, json_safe, load_metrics, log
 from slmforge.train.report import run_report
@@ -99,8 +99,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank and every run
         self.model = build_model(cfg.model).to(d.device)
         self.adapted: list[str] = []  # the modules LoRA adapts (config `lora`), over the frozen init weights
-        if cfg.lora.rank:
-            self.add_adapters()
+        if cfg.lora.rank:  # the frozen base is the init checkpoint's, whether the run starts or resumes
+            load_init_weights(self.model, Path(cfg.train.init), self.log)
+            self.adapted = add_adapters(self.model, cfg.lora, self.log)
         self.ddp = distributed.wrap(self.model, d)
         self.train_model = torch.compile(self.ddp) if cfg.train.compile else self.ddp
         self.objective = build_objective(cfg, d.device, self.log)
@@ -150,31 +151,6 @@ class Trainer:
             self.progress.phase_index, self.progress.step = index + 1, 0
         self.log(f"resuming from {checkpoint} ({self.progress.tokens:,} tokens seen)")
         return optimizer_tensors, state["optimizer"]
-
-    def add_adapters(self) -> None:
-        """The init checkpoint's weights, frozen, with LoRA adapters on the targeted projections."""
-        lora = self.cfg.lora
-        self.load_init_weights(Path(self.cfg.train.init))
-        try:
-            self.adapted = add_lora(self.model, lora.rank, lora.alpha, lora.targets)
-        except ValueError as e:
-            raise ConfigError(f"lora.targets={lora.targets}: {e}") from None
-        total = sum(p.numel() for p in self.model.parameters())
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        self.log(f"LoRA rank {lora.rank}, alpha {lora.alpha:g} on {len(self.adapted)} projections: {trainable:,} "
-                 f"trainable parameters ({trainable / total:.2%} of {total:,}); the rest frozen")
-
-    def load_init_weights(self, checkpoint: Path) -> None:
-        """The weights of train.init, with rows for the ids its tokenizer lacks (see setup.fit_vocab)."""
-        weights = checkpoint / "model.safetensors"
-        tensors, old_vocab = read_tensors(weights), read_config(checkpoint).model.vocab_size
-        grown = []
-        if old_vocab < self.cfg.model.vocab_size:
-            tensors, grown = grow_vocab_rows(tensors, self.model.state_dict(), old_vocab)
-        load_weights(self.model, tensors, str(weights))
-        self.log(f"weights from {checkpoint} (train.init)" + (
-            f"; ids {old_vocab}..{self.cfg.model.vocab_size - 1} are new: their rows of {', '.join(grown)} start "
-            "as the mean of the others" if grown else ""))
 
     def build_optimizers(self, phase: PhaseConfig, state: tuple[dict, dict] | None) -> list:
         """The phase's optimizers, with moments and step counts from `state` (a checkpoint or the previous
@@ -367,7 +343,7 @@ class Trainer:
             self.log(f"--resume: no checkpoint in {self.out}, starting from scratch")
             self.metrics.resume(lambda line: False)
         if checkpoint is None and self.cfg.train.init and not self.adapted:  # verified by with_init_model
-            self.load_init_weights(Path(self.cfg.train.init))
+            load_init_weights(self.model, Path(self.cfg.train.init), self.log)
         if self.progress.phase_index == len(self.phases):
             return self.finished_report(checkpoint, start)
         n_params = sum(p.numel() for p in self.model.parameters())
