@@ -24,7 +24,8 @@ def _prepare_chat(args, tokenizer) -> None:
     from slmforge.data.conversations import RowFormat, parse_pairs
 
     mixed = [flag for flag, value in (("--source", args.source), ("--val-source", args.val_source),
-                                      ("--max-tokens-per-source", args.max_tokens_per_source)) if value]
+                                      ("--max-tokens-per-source", args.max_tokens_per_source),
+                                      ("--fim-rate", args.fim_rate)) if value]
     if mixed:
         raise ValueError(f"{mixed[0]} is for text sources; with --chat give chat files only (--val-chat for a "
                          "validation file)")
