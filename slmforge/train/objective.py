@@ -81,6 +81,9 @@ def _preference_objective(cfg: RunConfig, device: torch.device, log: Callable[[s
     phases = cfg.run_phases()
     kinds = [TokenDataset(p.data.path).kind == "preference" for p in phases]
     if not any(kinds):
+        if cfg.preference.reference:
+            raise ConfigError(f"preference.reference={cfg.preference.reference}: the run's data is not preference "
+                              "data (`slmforge data prepare --preference`), so no reference model is read")
         return None
     if not all(kinds):
         raise ConfigError(f"phase '{phases[kinds.index(True)].name}' trains on preference data and phase "
