@@ -52,23 +52,24 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def choose_threads(setting: int, flops_per_step: float) -> tuple[int, str]:
-    """(torch intra-op threads for CPU training, a sentence saying why) for train.threads = `setting`.
+def choose_threads(setting: int, flops_per_step: float, step: str = "a micro-step",
+                   key: str = "train.threads") -> tuple[int, str]:
+    """(torch intra-op threads for CPU work, a sentence saying why) for `key` = `setting` (training: a micro-step
+    of forward and backward; decoding: one step of a batch).
 
     0 chooses: one thread when a micro-step is small, because OpenMP threads that wait for each other
     spin, and on a machine doing other work they then take turns with it, which made a tiny model ~30x
     slower; all the CPUs this process may use otherwise. OMP_NUM_THREADS, when set, is respected.
     """
     if setting:
-        return setting, f"{setting} threads: train.threads={setting}"
+        return setting, f"{setting} threads: {key}={setting}"
     if os.environ.get("OMP_NUM_THREADS"):
         n = int(os.environ["OMP_NUM_THREADS"]) if os.environ["OMP_NUM_THREADS"].isdigit() else 1
         return max(n, 1), f"{max(n, 1)} threads: OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
     if flops_per_step < ONE_THREAD_BELOW_FLOPS:
-        return 1, (f"1 thread: a micro-step is {flops_per_step / 1e9:.2g} GFLOP, too little to share "
-                   "(train.threads sets it)")
+        return 1, f"1 thread: {step} is {flops_per_step / 1e9:.2g} GFLOP, too little to share ({key} sets it)"
     n = cpu_count()
-    return n, f"{n} threads: the CPUs this process may use (train.threads sets it)"
+    return n, f"{n} threads: the CPUs this process may use ({key} sets it)"
 
 
 def choose_device(setting: str = "auto") -> torch.device:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import importlib
 import sys
 import time
+
+import torch
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,6 +179,35 @@ def _prepare_for_decoding(loaded, max_batch: int) -> None:
     loaded.dtype, loaded.dtype_reason = torch.float32, "weights=fp32"
 
 
+def _decoding_threads(loaded, batch_size: int, quiet: bool) -> None:
+    """Threads for decoding on a CPU, chosen as the trainer chooses them, by the work of one step (a full batch
+    of one token each): a small model's many small steps lose far more to threads that wait for each other
+    than they gain, above all on a machine doing other work."""
+    from slmforge.hardware import choose_threads
+    from slmforge.model.stats import model_stats
+
+    if loaded.device.type != "cpu":
+        return
+    step_flops = 2 * model_stats(loaded.config.model)["active_params_per_token"] * batch_size
+    n, why = choose_threads(0, step_flops, "a decoding step", "OMP_NUM_THREADS")
+    torch.set_num_threads(n)
+    if not quiet:
+        print(f"decoding with {why}", file=sys.stderr)
+
+
+def _run_task(run, name: str, loaded, plan, quiet: bool, save: bool) -> TaskResult:
+    t0 = time.perf_counter()
+    result = _module(TASKS[name]).run(loaded, plan)
+    result.seconds = time.perf_counter() - t0
+    result.checkpoint = str(loaded.checkpoint)
+    result.settings = {**result.settings, "device": str(loaded.device)}
+    if save:
+        path = save_result(eval_folder(run), result)
+        if not quiet:
+            print(f"{name}: {result.n_examples} examples in {result.seconds:.1f} s -> {path}", file=sys.stderr)
+    return result
+
+
 def run_tasks(run: str | Path, names: list[str], options: TaskOptions | None = None,
               quiet: bool = False, save: bool = True) -> list[TaskResult]:
     """Run the tasks `names` on the model of `run` (a run or checkpoint folder), loaded once; each result is
@@ -191,21 +222,18 @@ def run_tasks(run: str | Path, names: list[str], options: TaskOptions | None = N
     order = [n for n in names if not TASKS[n].decodes] + [n for n in names if TASKS[n].decodes]
     results: dict[str, TaskResult] = {}
     decoding = False
-    for name in order:
-        if TASKS[name].decodes and not decoding:
-            _prepare_for_decoding(loaded, options.batch_size)
-            decoding = True
-        t0 = time.perf_counter()
-        result = _module(TASKS[name]).run(loaded, plans[name])
-        result.seconds = time.perf_counter() - t0
-        result.checkpoint = str(loaded.checkpoint)
-        result.settings = {**result.settings, "device": str(loaded.device)}
-        if save:
-            path = save_result(eval_folder(run), result)
-            if not quiet:
-                print(f"{name}: {result.n_examples} examples in {result.seconds:.1f} s -> {path}", file=sys.stderr)
-        results[name] = result
+    threads = torch.get_num_threads()
+    try:
+        for name in order:
+            if TASKS[name].decodes and not decoding:
+                _prepare_for_decoding(loaded, options.batch_size)
+                _decoding_threads(loaded, options.batch_size, quiet)
+                decoding = True
+            results[name] = _run_task(run, name, loaded, plans[name], quiet, save)
+    finally:
+        torch.set_num_threads(threads)
     ordered = [results[n] for n in names]
+
     if not quiet:
         print(f"{loaded.checkpoint}")
         print(format_table(ordered))
