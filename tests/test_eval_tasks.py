@@ -343,8 +343,10 @@ def test_samples_table_is_reproducible(tmp_path, capsys):
     prompts.write_text("Once upon a time\n\ndef f(x):\n")
     argv = ["eval", str(run), "--task", "samples", "--prompts", str(prompts), "--prompt", "Hello |",
             "--max-new-tokens", "12", "--seed", "3", "--temperature", "0.9", "--top-p", "0.95"]
+    threads = torch.get_num_threads()
     assert main(argv) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "decoding with 1 thread: a decoding step is" in err and torch.get_num_threads() == threads  # restored
     first = json.loads((run / "eval" / "samples.json").read_text())
     assert main(argv) == 0
     second = json.loads((run / "eval" / "samples.json").read_text())
