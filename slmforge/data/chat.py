@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,26 +165,24 @@ def _write_chat_source(source: ChatSource, val_source: ChatSource | None, templa
     }
 
 
-def prepare_chat_dataset(sources: list[ChatSource], tokenizer: Tokenizer, out_dir: str | Path,
-                         template: str | None = None, train_on: str = "assistant", val_fraction: float = 0.01,
-                         val_sources: list[ChatSource] | None = None, fmt: RowFormat | None = None,
-                         skip_bad: bool = False, progress: bool = True) -> dict:
-    """Render chat .jsonl `sources` into a chat dataset folder at `out_dir`; return its meta.json content
-    (`format_chat_report` prints it). Written beside `out_dir` and renamed into place at the end: a bad row
-    leaves nothing behind. `progress`: a progress bar on stderr."""
-    if train_on not in TRAIN_ON:
-        raise ValueError(f"--train-on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
+def write_rendered_dataset(kind: str, flag: str, unit: str, sources: list[ChatSource], tokenizer: Tokenizer,
+                           out_dir: str | Path, template: str | None, val_sources: list[ChatSource] | None,
+                           write_source: Callable, meta: dict, totals: tuple[str, ...]) -> dict:
+    """The frame chat and preference datasets share: the sources checked, the chat tokenizer saved, each
+    source written by `write_source(source, its validation source or None, template, folder, dtype) -> its
+    meta.json entry` (whose `train_<unit>s` must not be 0), into a folder beside `out_dir` renamed into place
+    at the end, so a bad row leaves nothing behind. Returns the meta.json content."""
     if not sources:
-        raise ValueError("--chat needs at least one .jsonl file")
+        raise ValueError(f"{flag} needs at least one .jsonl file")
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
-        raise ValueError(f"chat source names must be unique, got {names}")
+        raise ValueError(f"{flag} source names must be unique, got {names}")
     held_out = {s.name: s for s in val_sources or []}
     for s in [*sources, *held_out.values()]:
         if not s.path.is_file():
             raise FileNotFoundError(f"{s.path}: no such file")
     if set(held_out) - set(names):
-        raise ValueError(f"validation files name no --chat source: {sorted(set(held_out) - set(names))}")
+        raise ValueError(f"validation files name no {flag} source: {sorted(set(held_out) - set(names))}")
     tokenizer = chat_tokenizer(tokenizer, template)
     chat_template = ChatTemplate(tokenizer.chat_template, tokenizer)
     out_dir = Path(out_dir)
@@ -195,26 +194,41 @@ def prepare_chat_dataset(sources: list[ChatSource], tokenizer: Tokenizer, out_di
     try:
         partial.mkdir(parents=True)
         tokenizer.save(partial)
-        per_source = {s.name: _write_chat_source(s, held_out.get(s.name), chat_template, partial / s.name, dtype,
-                                                 val_fraction, train_on, fmt or RowFormat(), skip_bad, progress)
+        per_source = {s.name: write_source(s, held_out.get(s.name), chat_template, partial / s.name, dtype)
                       for s in sources}
-        empty = [n for n, m in per_source.items() if not m["train_conversations"]]
+        empty = [n for n, m in per_source.items() if not m[f"train_{unit}s"]]
         if empty:
-            raise ValueError(f"no conversation to train on in {empty}: "
+            raise ValueError(f"no {unit} to train on in {empty}: "
                              + "; ".join(f"{n}: skipped {per_source[n]['skip_reasons'] or 'nothing'}" for n in empty))
-        meta = {"format_version": FORMAT_VERSION, "kind": "chat", "dtype": dtype.name,
+        meta = {"format_version": FORMAT_VERSION, "kind": kind, "dtype": dtype.name,
                 "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id,
-                "pad_id": tokenizer.pad_id, "train_on": train_on, "val_fraction": val_fraction,
-                "sources": per_source,
-                "total": {k: sum(m[k] for m in per_source.values())
-                          for k in ("documents", "train_tokens", "val_tokens", "trained_tokens", "bytes",
-                                    "skipped_files", "skipped_lines")}}
+                "pad_id": tokenizer.pad_id, **meta, "sources": per_source,
+                "total": {k: sum(m[k] for m in per_source.values()) for k in totals}}
         (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         _move_into_place(partial, out_dir)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return meta
+
+
+def prepare_chat_dataset(sources: list[ChatSource], tokenizer: Tokenizer, out_dir: str | Path,
+                         template: str | None = None, train_on: str = "assistant", val_fraction: float = 0.01,
+                         val_sources: list[ChatSource] | None = None, fmt: RowFormat | None = None,
+                         skip_bad: bool = False, progress: bool = True) -> dict:
+    """Render chat .jsonl `sources` into a chat dataset folder at `out_dir`; return its meta.json content
+    (`format_chat_report` prints it). Written whole or not at all. `progress`: a progress bar on stderr."""
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"--train-on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
+
+    def write(source, val_source, template, folder, dtype):
+        return _write_chat_source(source, val_source, template, folder, dtype, val_fraction, train_on,
+                                  fmt or RowFormat(), skip_bad, progress)
+
+    return write_rendered_dataset("chat", "--chat", "conversation", sources, tokenizer, out_dir, template,
+                                  val_sources, write, {"train_on": train_on, "val_fraction": val_fraction},
+                                  ("documents", "train_tokens", "val_tokens", "trained_tokens", "bytes",
+                                   "skipped_files", "skipped_lines"))
 
 
 def format_chat_report(meta: dict) -> str:

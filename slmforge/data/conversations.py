@@ -14,10 +14,12 @@ that cannot be read is one `BadRow` naming the file, the line and the field.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
+T = TypeVar("T")
 ROLES = ("system", "user", "assistant")
 FORMATS = ("auto", "messages", "sharegpt", "alpaca")
 FIELDS = ("messages", "role", "content", "conversations", "from", "value", "instruction", "input", "output", "system")
@@ -119,10 +121,10 @@ def to_messages(row, where: str, fmt: RowFormat) -> list[dict]:
     return messages
 
 
-def read_conversations(path: Path, fmt: RowFormat, skip_bad: bool,
-                       skipped: dict[str, int]) -> Iterator[tuple[str, list[dict]]]:
-    """(where, messages) for each row of a .jsonl file. A bad row raises BadRow, or with `skip_bad` is
-    counted in `skipped` by reason and left out."""
+def read_rows(path: Path, parse: Callable[[object, str], T], skip_bad: bool,
+              skipped: dict[str, int]) -> Iterator[tuple[str, T]]:
+    """(where, parse(row, where)) for each row of a .jsonl file. A bad row (parse raises BadRow) stops the
+    reading, or with `skip_bad` is counted in `skipped` by reason and left out."""
     try:
         with open(path, encoding="utf-8") as file:
             for number, line in enumerate(file, start=1):
@@ -134,10 +136,16 @@ def read_conversations(path: Path, fmt: RowFormat, skip_bad: bool,
                         row = json.loads(line)
                     except json.JSONDecodeError as e:
                         raise BadRow(where, f"not valid JSON ({e.msg})", "not JSON") from None
-                    yield where, to_messages(row, where, fmt)
+                    yield where, parse(row, where)
                 except BadRow as e:
                     if not skip_bad:
                         raise
                     skipped[e.reason] = skipped.get(e.reason, 0) + 1
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def read_conversations(path: Path, fmt: RowFormat, skip_bad: bool,
+                       skipped: dict[str, int]) -> Iterator[tuple[str, list[dict]]]:
+    """(where, messages) for each row of a chat .jsonl file (see `read_rows`)."""
+    return read_rows(path, lambda row, where: to_messages(row, where, fmt), skip_bad, skipped)

@@ -13,19 +13,14 @@ in the mask, so a sequence's log-probability is the reply's given the prompt.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from slmforge.data.chat import ChatSource, _Split, chat_tokenizer, encode_conversation
-from slmforge.data.conversations import BadRow, RowFormat, to_messages
-from slmforge.data.prepare import FORMAT_VERSION, _check_replaceable, _is_val, _move_into_place, \
-    _remove_leftovers_of_dead_runs
+from slmforge.data.chat import ChatSource, _Split, encode_conversation, write_rendered_dataset
+from slmforge.data.conversations import BadRow, RowFormat, read_rows, to_messages
+from slmforge.data.prepare import _is_val
 from slmforge.tokenizer.chat_template import ChatTemplate, TemplateError
 from slmforge.tokenizer.tokenizer import Tokenizer
 
@@ -63,29 +58,6 @@ def to_pair(row, where: str) -> tuple[list[dict], list[dict]]:
     return prompt + chosen, prompt + rejected
 
 
-def read_pairs(path: Path, skip_bad: bool, skipped: dict[str, int]) -> Iterator[tuple[str, tuple]]:
-    """(where, (chosen conversation, rejected conversation)) for each row of a .jsonl file. A bad row raises
-    BadRow, or with `skip_bad` is counted in `skipped` by reason and left out."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            for number, line in enumerate(file, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path} line {number}"
-                try:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise BadRow(where, f"not valid JSON ({e.msg})", "not JSON") from None
-                    yield where, to_pair(row, where)
-                except BadRow as e:
-                    if not skip_bad:
-                        raise
-                    skipped[e.reason] = skipped.get(e.reason, 0) + 1
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-
 def _write_pair_source(source: ChatSource, val_source: ChatSource | None, template: ChatTemplate, folder: Path,
                        dtype, val_fraction: float, skip_bad: bool, progress: bool) -> dict:
     folder.mkdir()
@@ -94,7 +66,7 @@ def _write_pair_source(source: ChatSource, val_source: ChatSource | None, templa
     index = 0
     bar = tqdm(desc=f"{source.name:>12}", unit=" pairs", disable=not progress)
     for path, forced in stream:
-        for where, pair in read_pairs(path, skip_bad, skipped):
+        for where, pair in read_rows(path, to_pair, skip_bad, skipped):
             try:
                 encoded = [encode_conversation(template, messages, "last") for messages in pair]
             except TemplateError as e:
@@ -127,50 +99,14 @@ def prepare_preference_dataset(sources: list[ChatSource], tokenizer: Tokenizer, 
                                val_sources: list[ChatSource] | None = None, skip_bad: bool = False,
                                progress: bool = True) -> dict:
     """Render preference .jsonl `sources` into a preference dataset folder at `out_dir`; return its
-    meta.json content. `template`: as `chat_tokenizer` takes it. Written beside `out_dir` and renamed into
-    place at the end: a bad row leaves nothing behind."""
-    if not sources:
-        raise ValueError("--preference needs at least one .jsonl file")
-    names = [s.name for s in sources]
-    if len(set(names)) != len(names):
-        raise ValueError(f"preference source names must be unique, got {names}")
-    held_out = {s.name: s for s in val_sources or []}
-    for s in [*sources, *held_out.values()]:
-        if not s.path.is_file():
-            raise FileNotFoundError(f"{s.path}: no such file")
-    if set(held_out) - set(names):
-        raise ValueError(f"validation files name no --preference source: {sorted(set(held_out) - set(names))}")
-    tokenizer = chat_tokenizer(tokenizer, template)
-    chat_template = ChatTemplate(tokenizer.chat_template, tokenizer)
-    out_dir = Path(out_dir)
-    _check_replaceable(out_dir)
-    _remove_leftovers_of_dead_runs(out_dir)
-    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
-    partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        partial.mkdir(parents=True)
-        tokenizer.save(partial)
-        per_source = {s.name: _write_pair_source(s, held_out.get(s.name), chat_template, partial / s.name, dtype,
-                                                 val_fraction, skip_bad, progress)
-                      for s in sources}
-        empty = [n for n, m in per_source.items() if not m["train_pairs"]]
-        if empty:
-            raise ValueError(f"no pair to train on in {empty}: "
-                             + "; ".join(f"{n}: skipped {per_source[n]['skip_reasons'] or 'nothing'}" for n in empty))
-        meta = {"format_version": FORMAT_VERSION, "kind": "preference", "dtype": dtype.name,
-                "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id,
-                "pad_id": tokenizer.pad_id, "train_on": "last", "val_fraction": val_fraction,
-                "sources": per_source,
-                "total": {k: sum(m[k] for m in per_source.values())
-                          for k in ("documents", "train_pairs", "val_pairs", "train_tokens", "val_tokens",
-                                    "trained_tokens", "bytes", "skipped_files", "skipped_lines")}}
-        (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _move_into_place(partial, out_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    return meta
+    meta.json content. `template`: as `chat_tokenizer` takes it. Written whole or not at all."""
+    def write(source, val_source, template, folder, dtype):
+        return _write_pair_source(source, val_source, template, folder, dtype, val_fraction, skip_bad, progress)
+
+    return write_rendered_dataset("preference", "--preference", "pair", sources, tokenizer, out_dir, template,
+                                  val_sources, write, {"train_on": "last", "val_fraction": val_fraction},
+                                  ("documents", "train_pairs", "val_pairs", "train_tokens", "val_tokens",
+                                   "trained_tokens", "bytes", "skipped_files", "skipped_lines"))
 
 
 def format_preference_report(meta: dict) -> str:
