@@ -106,7 +106,7 @@ def encode_conversation(template: ChatTemplate, messages: list[dict], train_on: 
 
 
 @dataclass
-class _Split:
+class RenderedSplit:
     tokens: list = field(default_factory=list)
     masks: list = field(default_factory=list)
     lengths: list = field(default_factory=list)
@@ -130,7 +130,7 @@ def _write_chat_source(source: ChatSource, val_source: ChatSource | None, templa
                        dtype, val_fraction: float, train_on: str, fmt: RowFormat, skip_bad: bool,
                        progress: bool) -> dict:
     folder.mkdir()
-    splits, skipped = {"train": _Split(), "val": _Split()}, {}
+    splits, skipped = {"train": RenderedSplit(), "val": RenderedSplit()}, {}
     stream = [(source.path, None)] + ([(val_source.path, "val")] if val_source else [])
     index = 0
     bar = tqdm(desc=f"{source.name:>12}", unit=" conversations", disable=not progress)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from slmforge.data.chat import ChatSource, _Split, encode_conversation, write_rendered_dataset
+from slmforge.data.chat import ChatSource, RenderedSplit, encode_conversation, write_rendered_dataset
 from slmforge.data.conversations import BadRow, RowFormat, read_rows, to_messages
 from slmforge.data.prepare import _is_val
 from slmforge.tokenizer.chat_template import ChatTemplate, TemplateError
@@ -61,7 +61,7 @@ def to_pair(row, where: str) -> tuple[list[dict], list[dict]]:
 def _write_pair_source(source: ChatSource, val_source: ChatSource | None, template: ChatTemplate, folder: Path,
                        dtype, val_fraction: float, skip_bad: bool, progress: bool) -> dict:
     folder.mkdir()
-    splits, skipped = {"train": _Split(), "val": _Split()}, {}
+    splits, skipped = {"train": RenderedSplit(), "val": RenderedSplit()}, {}
     stream = [(source.path, None)] + ([(val_source.path, "val")] if val_source else [])
     index = 0
     bar = tqdm(desc=f"{source.name:>12}", unit=" pairs", disable=not progress)
