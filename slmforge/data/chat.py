@@ -107,6 +107,8 @@ def encode_conversation(template: ChatTemplate, messages: list[dict], train_on: 
 
 @dataclass
 class RenderedSplit:
+    """One split's rendered conversations, in order, until written: token ids, masks and lengths."""
+
     tokens: list = field(default_factory=list)
     masks: list = field(default_factory=list)
     lengths: list = field(default_factory=list)
