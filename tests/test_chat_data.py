@@ -83,6 +83,8 @@ def test_prepared_chat_dataset(tmp_path):
     learned = tokenizer.decode(first[mask[offsets[0]:offsets[1]] == 1].tolist(), skip_special=False)
     assert learned == conversations(1)[0]["messages"][1]["content"] + "<|im_end|>\n"
     assert meta["sources"]["chat"]["trained_tokens"] == int(np.asarray(mask).sum())
+    every = np.concatenate([dataset.train["chat"], dataset.val["chat"]])
+    assert meta["sources"]["chat"]["bytes"] == int((every < 256).sum())  # byte tokens spell one byte, markers none
 
 
 @pytest.fixture(scope="module")

@@ -131,7 +131,9 @@ def data_section(facts: RunFacts) -> list[str]:
                 train_tokens = sources[name].get("train_tokens", 0)
                 mix_rows.append([p.name, fmt.cell(name), fmt.percent(share), fmt.count(drawn),
                                  f"{drawn / train_tokens:.2f}" if train_tokens else "—"])
-        out += ["", "Training windows are drawn from the sources by these shares (the folder's weights, with the "
+        rows = ("Training windows are drawn" if dataset.meta.get("kind", "text") == "text"
+                else "Whole conversations fill the training rows")
+        out += ["", f"{rows} from the sources by these shares (the folder's weights, with the "
                 "phase's `data.weights` over them); tokens and epochs per source are the shares' expectation:",
                 "", fmt.table(["Phase", "Source", "Share", "Tokens drawn (≈)", "Epochs (≈)"], mix_rows, "llrrr")]
     if not facts.datasets:

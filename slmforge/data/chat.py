@@ -107,16 +107,20 @@ def encode_conversation(template: ChatTemplate, messages: list[dict], train_on: 
 
 @dataclass
 class RenderedSplit:
-    """One split's rendered conversations, in order, until written: token ids, masks and lengths."""
+    """One split's rendered conversations, in order, until written: token ids, masks, lengths, and the
+    UTF-8 bytes their tokens spell (`byte_lengths`: bytes per token id, 0 for special tokens)."""
 
+    byte_lengths: np.ndarray
     tokens: list = field(default_factory=list)
     masks: list = field(default_factory=list)
     lengths: list = field(default_factory=list)
+    bytes: int = 0
 
     def add(self, ids: list[int], mask: list[int]) -> None:
         self.tokens.append(np.asarray(ids, dtype=np.uint32))
         self.masks.append(np.asarray(mask, dtype=np.uint8))
         self.lengths.append(len(ids))
+        self.bytes += int(self.byte_lengths[self.tokens[-1]].sum())
 
     def write(self, folder: Path, split: str, dtype) -> None:
         cat = lambda parts, t: np.concatenate(parts).astype(t) if parts else np.zeros(0, dtype=t)  # noqa: E731
@@ -132,7 +136,8 @@ def _write_chat_source(source: ChatSource, val_source: ChatSource | None, templa
                        dtype, val_fraction: float, train_on: str, fmt: RowFormat, skip_bad: bool,
                        progress: bool) -> dict:
     folder.mkdir()
-    splits, skipped = {"train": RenderedSplit(), "val": RenderedSplit()}, {}
+    byte_lengths = template.tokenizer.token_byte_lengths()
+    splits, skipped = {"train": RenderedSplit(byte_lengths), "val": RenderedSplit(byte_lengths)}, {}
     stream = [(source.path, None)] + ([(val_source.path, "val")] if val_source else [])
     index = 0
     bar = tqdm(desc=f"{source.name:>12}", unit=" conversations", disable=not progress)
@@ -163,7 +168,8 @@ def _write_chat_source(source: ChatSource, val_source: ChatSource | None, templa
         "train_tokens": int(sum(splits["train"].lengths)), "val_tokens": int(sum(splits["val"].lengths)),
         "trained_tokens": int(sum(int(m.sum()) for m in splits["train"].masks)),
         "longest": max(lengths, default=0), "median_length": int(np.median(lengths)) if lengths else 0,
-        "bytes": 0, "skipped_files": 0, "skipped_lines": sum(skipped.values()), "skip_reasons": skipped,
+        "bytes": splits["train"].bytes + splits["val"].bytes, "skipped_files": 0,
+        "skipped_lines": sum(skipped.values()), "skip_reasons": skipped,
     }
 
 

@@ -61,7 +61,8 @@ def to_pair(row, where: str) -> tuple[list[dict], list[dict]]:
 def _write_pair_source(source: ChatSource, val_source: ChatSource | None, template: ChatTemplate, folder: Path,
                        dtype, val_fraction: float, skip_bad: bool, progress: bool) -> dict:
     folder.mkdir()
-    splits, skipped = {"train": RenderedSplit(), "val": RenderedSplit()}, {}
+    byte_lengths = template.tokenizer.token_byte_lengths()
+    splits, skipped = {"train": RenderedSplit(byte_lengths), "val": RenderedSplit(byte_lengths)}, {}
     stream = [(source.path, None)] + ([(val_source.path, "val")] if val_source else [])
     index = 0
     bar = tqdm(desc=f"{source.name:>12}", unit=" pairs", disable=not progress)
@@ -90,7 +91,8 @@ def _write_pair_source(source: ChatSource, val_source: ChatSource | None, templa
         "train_tokens": int(sum(splits["train"].lengths)), "val_tokens": int(sum(splits["val"].lengths)),
         "trained_tokens": int(sum(int(m.sum()) for m in splits["train"].masks)),
         "longest": max(lengths, default=0), "median_length": int(np.median(lengths)) if lengths else 0,
-        "bytes": 0, "skipped_files": 0, "skipped_lines": sum(skipped.values()), "skip_reasons": skipped,
+        "bytes": splits["train"].bytes + splits["val"].bytes, "skipped_files": 0,
+        "skipped_lines": sum(skipped.values()), "skip_reasons": skipped,
     }
 
 
