@@ -10,6 +10,7 @@ import pytest
 from helpers import make_dataset, sentences
 
 from slmforge import cli
+from slmforge.cli.training import train_summary
 from slmforge.config import load_config
 from slmforge.plot import (
     DPI,
@@ -160,7 +161,7 @@ def test_report_has_final_figures(real_run):
     assert saved["tokens"] == 4 * 4 * 64
     assert saved["tokens_per_s"] == pytest.approx(saved["tokens"] / saved["train_s"])
     assert phase["tokens_per_s"] == pytest.approx(saved["tokens_per_s"])
-    line = cli.train_summary(report)
+    line = train_summary(report)
     assert f"perplexity {report['val_ppl']:.2f}" in line and "tokens/s training" in line
 
 

@@ -27,7 +27,6 @@ from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 from slmforge.data.fim import find_fim_ids, missing_fim_tokens
 from slmforge.infer.engine import Delta, Engine, Request
 from slmforge.infer.sampling import SamplingParams
-from slmforge.tokenizer.chat_template import ChatTemplate, TemplateError
 from slmforge.serve.errors import APIError, install_error_handlers
 from slmforge.serve.generation import Choice, Generation, failure
 from slmforge.serve.protocol import (
@@ -40,6 +39,7 @@ from slmforge.serve.protocol import (
 )
 from slmforge.serve.responses import LegacyLogprobs, chat_logprobs, envelope, new_id, usage
 from slmforge.tokenizer import Tokenizer
+from slmforge.tokenizer.chat_template import ChatTemplate, TemplateError
 
 INDEX_PAGE = Path(__file__).parent / "static" / "index.html"
 
