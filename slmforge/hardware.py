@@ -64,8 +64,8 @@ def choose_threads(setting: int, flops_per_step: float, step: str = "a micro-ste
     if setting:
         return setting, f"{setting} threads: {key}={setting}"
     if os.environ.get("OMP_NUM_THREADS"):
-        n = int(os.environ["OMP_NUM_THREADS"]) if os.environ["OMP_NUM_THREADS"].isdigit() else 1
-        return max(n, 1), f"{max(n, 1)} threads: OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+        n = max(int(os.environ["OMP_NUM_THREADS"]) if os.environ["OMP_NUM_THREADS"].isdigit() else 1, 1)
+        return n, f"{n} thread{'s' * (n > 1)}: OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
     if flops_per_step < ONE_THREAD_BELOW_FLOPS:
         return 1, f"1 thread: {step} is {flops_per_step / 1e9:.2g} GFLOP, too little to share ({key} sets it)"
     n = cpu_count()
