@@ -113,7 +113,9 @@ def _where(result: dict, facts: RunFacts) -> str:
     parts = [f"{n:,} examples" if isinstance(n, int) else ""]
     shots = _setting(result, "shots", "k_shot", "num_fewshot", "fewshot")
     if shots is not None:
-        parts.append(f"{shots}-shot")
+        fewer = _setting(result, "fewer_shots")
+        parts.append(f"{shots}-shot" + (f"; {fewer:,} prompts kept fewer examples to fit the context"
+                                         if isinstance(fewer, int) and fewer and shots else ""))
     elsewhere = _scored_elsewhere(facts, result)
     if elsewhere:
         parts.append(f"scored {elsewhere}")
