@@ -57,7 +57,8 @@ def write_evals(run: Path) -> None:
     """Results as `slmforge eval --task` writes them: GSM8K 2 of 80, HumanEval none, and a samples table."""
     results = [
         {"task": "gsm8k", "metrics": {"exact_match": 0.025, "correct": 2}, "n_examples": 80,
-         "settings": {"data": "../shared/data/gsm8k/test.jsonl", "shots": 5, "greedy": True}, "records": []},
+         "settings": {"data": "../shared/data/gsm8k/test.jsonl", "shots": 5, "greedy": True, "fewer_shots": 3},
+         "records": []},
         {"task": "humaneval", "metrics": {"pass@1": 0.0}, "n_examples": 164,
          "settings": {"n": 1, "temperature": 0.0, "top_p": 1.0}, "records": []},
         {"task": "choice", "metrics": {"acc": 0.27, "acc_norm": 0.31, "chance": 0.25}, "n_examples": 100,
@@ -105,7 +106,8 @@ def test_card_holds_the_measured_numbers(tiny_run, tmp_path, capsys):
     # every evaluation found, with the values written
     assert re.search(r"\| gsm8k \| exact_match \| 2\.5% \| 80 \| .*shots=5", text)
     assert "| humaneval | pass@1 | 0.0% | 164 |" in text
-    assert "Rarely solves grade-school arithmetic problems: GSM8K exact match 2.5%" in text
+    assert "Rarely solves grade-school arithmetic problems: GSM8K exact match 2.5% (80 examples, 5-shot; 3 prompts " \
+        "kept fewer examples to fit the context)" in text
     assert "Does not write working code: HumanEval pass@1 0.0%" in text
     assert "| choice | acc | 27.0% | 100 |" in text and "no better than chance: accuracy 27.0% against 25.0%" in text
     assert "Predicts `json=/usr/lib/python3/json` weakly: 2.5000 bits per byte" in text
