@@ -61,8 +61,8 @@ from slmforge.tokenizer import Tokenizer
 from slmforge.train import distributed
 from slmforge.train.errors import TrainingError
 from slmforge.train.init_weights import add_adapters, load_init_weights
-from slmforge.train.objective import build_objective
 from slmforge.train.metrics import MetricsLog, json_safe, load_metrics, log
+from slmforge.train.objective import build_objective
 from slmforge.train.report import run_report
 from slmforge.train.run_folder import check_run_dir, config_changes, prepare_run_dir
 from slmforge.train.setup import micro_step_flops, open_data, packs_rows, phase_key, with_init_model
