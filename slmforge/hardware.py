@@ -62,7 +62,7 @@ def choose_threads(setting: int, flops_per_step: float, step: str = "a micro-ste
     slower; all the CPUs this process may use otherwise. OMP_NUM_THREADS, when set, is respected.
     """
     if setting:
-        return setting, f"{setting} threads: {key}={setting}"
+        return setting, f"{setting} thread{'s' * (setting > 1)}: {key}={setting}"
     if os.environ.get("OMP_NUM_THREADS"):
         n = max(int(os.environ["OMP_NUM_THREADS"]) if os.environ["OMP_NUM_THREADS"].isdigit() else 1, 1)
         return n, f"{n} thread{'s' * (n > 1)}: OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
