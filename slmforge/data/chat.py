@@ -158,13 +158,19 @@ def _write_chat_source(source: ChatSource, val_source: ChatSource | None, templa
             index += 1
             bar.update()
     bar.close()
+    return {**write_splits(source, val_source, splits, skipped, folder, dtype),
+            "train_conversations": len(splits["train"].lengths), "val_conversations": len(splits["val"].lengths)}
+
+
+def write_splits(source: ChatSource, val_source: ChatSource | None, splits: dict[str, RenderedSplit],
+                 skipped: dict[str, int], folder: Path, dtype) -> dict:
+    """Write a source's rendered splits into `folder`; its meta.json entry (counts, lengths, skips)."""
     for split, data in splits.items():
         data.write(folder, split, dtype)
     lengths = splits["train"].lengths + splits["val"].lengths
     return {
         "paths": str(source.path), "val_paths": str(val_source.path) if val_source else None, "fields": None,
         "weight": source.weight, "documents": len(lengths),
-        "train_conversations": len(splits["train"].lengths), "val_conversations": len(splits["val"].lengths),
         "train_tokens": int(sum(splits["train"].lengths)), "val_tokens": int(sum(splits["val"].lengths)),
         "trained_tokens": int(sum(int(m.sum()) for m in splits["train"].masks)),
         "longest": max(lengths, default=0), "median_length": int(np.median(lengths)) if lengths else 0,

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
-from slmforge.data.chat import ChatSource, RenderedSplit, encode_conversation, write_rendered_dataset
+from slmforge.data.chat import ChatSource, RenderedSplit, encode_conversation, write_rendered_dataset, write_splits
 from slmforge.data.conversations import BadRow, RowFormat, read_rows, to_messages
 from slmforge.data.prepare import _is_val
 from slmforge.tokenizer.chat_template import ChatTemplate, TemplateError
@@ -81,19 +80,8 @@ def _write_pair_source(source: ChatSource, val_source: ChatSource | None, templa
             index += 1
             bar.update()
     bar.close()
-    for split, data in splits.items():
-        data.write(folder, split, dtype)
-    lengths = splits["train"].lengths + splits["val"].lengths
-    return {
-        "paths": str(source.path), "val_paths": str(val_source.path) if val_source else None, "fields": None,
-        "weight": source.weight, "documents": len(lengths),
-        "train_pairs": len(splits["train"].lengths) // 2, "val_pairs": len(splits["val"].lengths) // 2,
-        "train_tokens": int(sum(splits["train"].lengths)), "val_tokens": int(sum(splits["val"].lengths)),
-        "trained_tokens": int(sum(int(m.sum()) for m in splits["train"].masks)),
-        "longest": max(lengths, default=0), "median_length": int(np.median(lengths)) if lengths else 0,
-        "bytes": splits["train"].bytes + splits["val"].bytes, "skipped_files": 0,
-        "skipped_lines": sum(skipped.values()), "skip_reasons": skipped,
-    }
+    return {**write_splits(source, val_source, splits, skipped, folder, dtype),
+            "train_pairs": len(splits["train"].lengths) // 2, "val_pairs": len(splits["val"].lengths) // 2}
 
 
 def prepare_preference_dataset(sources: list[ChatSource], tokenizer: Tokenizer, out_dir: str | Path,
