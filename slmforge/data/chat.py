@@ -132,34 +132,49 @@ class RenderedSplit:
             f.write(np.concatenate(([0], np.cumsum(self.lengths, dtype=np.int64))).astype(np.int64))
 
 
-def _write_chat_source(source: ChatSource, val_source: ChatSource | None, template: ChatTemplate, folder: Path,
-                       dtype, val_fraction: float, train_on: str, fmt: RowFormat, skip_bad: bool,
-                       progress: bool) -> dict:
+def write_rendered_source(source: ChatSource, val_source: ChatSource | None, template: ChatTemplate, folder: Path,
+                          dtype, val_fraction: float, read: Callable, encode: Callable, unit: str, skip_bad: bool,
+                          progress: bool) -> tuple[dict, dict[str, RenderedSplit]]:
+    """Render one source's rows into `folder`: `read(path)` yields (where, row), `encode(row)` gives the
+    row's conversations as (ids, mask) kept together in one split (a pair: chosen, then rejected). Rows the
+    template refuses or that hold nothing to learn stop the run, or with `skip_bad` are counted. Returns
+    (its meta.json entry, the splits)."""
     folder.mkdir()
     byte_lengths = template.tokenizer.token_byte_lengths()
     splits, skipped = {"train": RenderedSplit(byte_lengths), "val": RenderedSplit(byte_lengths)}, {}
     stream = [(source.path, None)] + ([(val_source.path, "val")] if val_source else [])
     index = 0
-    bar = tqdm(desc=f"{source.name:>12}", unit=" conversations", disable=not progress)
+    bar = tqdm(desc=f"{source.name:>12}", unit=f" {unit}s", disable=not progress)
     for path, forced in stream:
-        for where, messages in read_conversations(path, fmt, skip_bad, skipped):
+        for where, row in read(path, skipped):
             try:
-                ids, mask = encode_conversation(template, messages, train_on)
+                conversations = encode(row)
             except TemplateError as e:
                 if not skip_bad:
                     raise ValueError(f"{where}: {e}") from None
                 skipped["template failed"] = skipped.get("template failed", 0) + 1
                 continue
-            if not any(mask):
+            if not all(any(mask) for _, mask in conversations):
                 skipped["nothing to learn"] = skipped.get("nothing to learn", 0) + 1
                 continue
             split = forced or ("train" if val_source else ("val" if _is_val(index, val_fraction) else "train"))
-            splits[split].add(ids, mask)
+            for ids, mask in conversations:
+                splits[split].add(ids, mask)
             index += 1
             bar.update()
     bar.close()
-    return {**write_splits(source, val_source, splits, skipped, folder, dtype),
-            "train_conversations": len(splits["train"].lengths), "val_conversations": len(splits["val"].lengths)}
+    return write_splits(source, val_source, splits, skipped, folder, dtype), splits
+
+
+def _write_chat_source(source: ChatSource, val_source: ChatSource | None, template: ChatTemplate, folder: Path,
+                       dtype, val_fraction: float, train_on: str, fmt: RowFormat, skip_bad: bool,
+                       progress: bool) -> dict:
+    entry, splits = write_rendered_source(
+        source, val_source, template, folder, dtype, val_fraction,
+        lambda path, skipped: read_conversations(path, fmt, skip_bad, skipped),
+        lambda messages: [encode_conversation(template, messages, train_on)], "conversation", skip_bad, progress)
+    return {**entry, "train_conversations": len(splits["train"].lengths),
+            "val_conversations": len(splits["val"].lengths)}
 
 
 def write_splits(source: ChatSource, val_source: ChatSource | None, splits: dict[str, RenderedSplit],

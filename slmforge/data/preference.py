@@ -15,12 +15,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tqdm import tqdm
 
-from slmforge.data.chat import ChatSource, RenderedSplit, encode_conversation, write_rendered_dataset, write_splits
+from slmforge.data.chat import ChatSource, encode_conversation, write_rendered_dataset, write_rendered_source
 from slmforge.data.conversations import BadRow, RowFormat, read_rows, to_messages
-from slmforge.data.prepare import _is_val
-from slmforge.tokenizer.chat_template import ChatTemplate, TemplateError
+from slmforge.tokenizer.chat_template import ChatTemplate
 from slmforge.tokenizer.tokenizer import Tokenizer
 
 
@@ -59,29 +57,13 @@ def to_pair(row, where: str) -> tuple[list[dict], list[dict]]:
 
 def _write_pair_source(source: ChatSource, val_source: ChatSource | None, template: ChatTemplate, folder: Path,
                        dtype, val_fraction: float, skip_bad: bool, progress: bool) -> dict:
-    folder.mkdir()
-    byte_lengths = template.tokenizer.token_byte_lengths()
-    splits, skipped = {"train": RenderedSplit(byte_lengths), "val": RenderedSplit(byte_lengths)}, {}
-    stream = [(source.path, None)] + ([(val_source.path, "val")] if val_source else [])
-    index = 0
-    bar = tqdm(desc=f"{source.name:>12}", unit=" pairs", disable=not progress)
-    for path, forced in stream:
-        for where, pair in read_rows(path, to_pair, skip_bad, skipped):
-            try:
-                encoded = [encode_conversation(template, messages, "last") for messages in pair]
-            except TemplateError as e:
-                if not skip_bad:
-                    raise ValueError(f"{where}: {e}") from None
-                skipped["template failed"] = skipped.get("template failed", 0) + 1
-                continue
-            split = forced or ("train" if val_source else ("val" if _is_val(index, val_fraction) else "train"))
-            for ids, mask in encoded:  # chosen, then rejected: a pair is two neighbouring conversations
-                splits[split].add(ids, mask)
-            index += 1
-            bar.update()
-    bar.close()
-    return {**write_splits(source, val_source, splits, skipped, folder, dtype),
-            "train_pairs": len(splits["train"].lengths) // 2, "val_pairs": len(splits["val"].lengths) // 2}
+    """A pair is two neighbouring conversations, chosen then rejected, always in the same split."""
+    entry, splits = write_rendered_source(
+        source, val_source, template, folder, dtype, val_fraction,
+        lambda path, skipped: read_rows(path, to_pair, skip_bad, skipped),
+        lambda pair: [encode_conversation(template, messages, "last") for messages in pair], "pair", skip_bad,
+        progress)
+    return {**entry, "train_pairs": len(splits["train"].lengths) // 2, "val_pairs": len(splits["val"].lengths) // 2}
 
 
 def prepare_preference_dataset(sources: list[ChatSource], tokenizer: Tokenizer, out_dir: str | Path,
