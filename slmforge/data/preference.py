@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from slmforge.data.chat import ChatSource, encode_conversation, write_rendered_dataset, write_rendered_source
 from slmforge.data.conversations import BadRow, RowFormat, read_rows, to_messages
 from slmforge.tokenizer.chat_template import ChatTemplate
