@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import random_checkpoint
+from helpers import crash_then_resume, random_checkpoint
 from slmforge.cli import main
 from slmforge.config import ConfigError, load_config
 from slmforge.data.batch import IGNORE, Batch
@@ -171,9 +171,10 @@ def test_pair_batches_put_chosen_rows_first_and_resume(pairs_data):
     assert sorted(batches.epoch(0).tolist()) == list(range(7))
     # the long rejected reply is cut at seq_len + 1 and counted
     assert "1 sequences are longer than seq_len + 1 = 97" in batches.describe()
-    # validation: the chosen replies of the val pairs, one per row
+    # validation: the val pairs in order, paired like training batches; a process's share keeps both rows
     val = validation_batches(dataset, 96, batch_size=2, max_batches=5)
-    assert [len(b) for b in val] == [2, 2] and all(b.scored > 0 for b in val)
+    assert [b.examples for b in val] == [2, 2] and all(b.paired and b.scored > 0 for b in val)
+    assert torch.equal(val[0].share(1, 2).tokens, val[0].tokens[[1, 3]])
 
 
 def test_tiny_task_moves_the_preference_the_right_way(tmp_path):
@@ -189,13 +190,18 @@ def test_tiny_task_moves_the_preference_the_right_way(tmp_path):
     train(cfg, tmp_path / "run")
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in lines if "dpo_loss" in line]
-    val = [line["val_loss"] for line in lines if "val_loss" in line]
+    val = [line for line in lines if "val_loss" in line]
     assert len(steps) == 30
     # the policy starts as the reference: no margin, loss log 2
     assert steps[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-6) and steps[0]["reward_margin"] == 0.0
     assert all(line["reward_accuracy"] == 1.0 for line in steps[-10:])
     assert steps[-1]["reward_margin"] > 3.0 and steps[-1]["dpo_loss"] < 0.05  # measured 4.7 and 0.009
-    assert val[-1] < val[0] - 2.0  # the preferred replies' cross-entropy fell (measured 6.98 -> 2.51)
+    # the preferred replies' cross-entropy fell (measured 6.98 -> 2.51)
+    assert val[-1]["val_loss"] < val[0]["val_loss"] - 2.0
+    # held-out pairs: the policy starts as the reference (no margin), and ends preferring every chosen reply
+    assert val[0]["val_reward_margin"] == 0.0 and val[0]["val_reward_accuracy"] == 0.0
+    assert val[-1]["val_reward_accuracy"] == 1.0 and val[-1]["val_reward_margin"] > 3.0
+    assert val[-1]["val_dpo_loss"] < 0.05
 
     # on held-out prompts the policy prefers the chosen reply by far more than the reference did
     prepare_preference_dataset([ChatSource("held_out", tmp_path / "val.jsonl")], byte_tokenizer(),
@@ -271,3 +277,54 @@ def test_a_run_without_a_reference_or_with_another_vocabulary_is_refused(tmp_pat
     with pytest.raises(ConfigError, match="its vocabulary has 600 tokens, the policy's 512"):
         train(load_config("tiny", [*base, f"train.init={init}", f"preference.reference={other}"]), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture
+def colour_data(tmp_path):
+    prepare_preference_dataset([ChatSource("pairs", write_rows(tmp_path / "colours.jsonl", colour_pairs(range(24))))],
+                               byte_tokenizer(), tmp_path / "colours", val_fraction=0.25, progress=False)
+    return tmp_path / "colours"
+
+
+def dpo_config(data, init, *overrides):
+    return load_config("tiny", [f"data.path={data}", f"train.init={init}", "train.steps=4", "optim.name=adamw",
+                                "optim.lr=1e-3", "data.seq_len=48", "data.batch_size=2", "train.dtype=fp32",
+                                "train.eval_every=2", "train.save_every=2", "preference.beta=0.1", *overrides])
+
+
+def metric_lines(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dpo_resumes_exactly(colour_data, tmp_path, monkeypatch):
+    cfg = dpo_config(colour_data, random_checkpoint(tmp_path / "init", []))
+    train(cfg, tmp_path / "straight")
+    crash_then_resume(cfg, tmp_path / "run", lambda phase, step: step == 2, monkeypatch)
+    expected, got = metric_lines(tmp_path / "straight"), metric_lines(tmp_path / "run")
+    assert [(line["step"], "val_loss" in line) for line in got] == [(0, True), (1, False), (2, False), (2, True),
+                                                                   (3, False), (4, False), (4, True)]
+    assert [(line["step"], "val_loss" in line) for line in got] == [(line["step"], "val_loss" in line)
+                                                                   for line in expected]
+    for e, g in zip(expected, got):
+        for key in ("loss", "dpo_loss", "reward_margin", "val_loss", "val_dpo_loss", "val_reward_margin"):
+            if key in e:
+                assert g[key] == pytest.approx(e[key], abs=1e-6), (key, e, g)
+    assert expected[-1]["val_reward_margin"] != 0.0  # the policy moved away from the reference
+
+
+def test_dpo_tunes_a_mixture_of_experts_policy(colour_data, tmp_path):
+    """The router's balance loss joins the DPO loss, and the routing biases keep balancing the experts."""
+    moe = ["model.ffn=moe", "model.moe.n_experts=4", "model.moe.top_k=2", "model.moe.expert_d_ff=32",
+           "model.moe.balance_loss=0.01"]
+    init = random_checkpoint(tmp_path / "init", moe)
+    train(dpo_config(colour_data, init, "train.steps=16", "train.eval_every=16", "train.save_every=16", *moe),
+          tmp_path / "run")
+    lines = metric_lines(tmp_path / "run")
+    steps, val = [line for line in lines if "dpo_loss" in line], [line for line in lines if "val_loss" in line]
+    assert all(line["balance_loss"] > 0 for line in steps)
+    assert steps[-1]["loss"] == pytest.approx(steps[-1]["dpo_loss"] + steps[-1]["balance_loss"], abs=1e-5)
+    assert val[0]["val_reward_accuracy"] == 0.0 and val[-1]["val_reward_accuracy"] == 1.0
+    start = load_model(init, device="cpu", dtype="fp32").model.state_dict()
+    tuned = load_model(tmp_path / "run", device="cpu", dtype="fp32").model.state_dict()
+    biases = [name for name in start if name.endswith("balance_bias")]
+    assert biases and all(not torch.equal(start[n], tuned[n]) for n in biases)

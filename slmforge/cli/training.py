@@ -41,7 +41,10 @@ def cmd_train(args) -> None:
         if phase.get("val_loss") is None:  # no evaluation recorded at the phase's end
             continue
         start = f"{phase['start_val_loss']:.4f} -> " if phase.get("start_val_loss") is not None else ""
-        print(f"phase {phase['name']}: val loss {start}{phase['val_loss']:.4f} (bits per byte {phase['val_bpb']:.4f})")
+        rewards = (f"; held-out reward accuracy {phase['val_reward_accuracy']:.3f}, margin "
+                   f"{phase['val_reward_margin']:.3f}" if phase.get("val_reward_accuracy") is not None else "")
+        print(f"phase {phase['name']}: val loss {start}{phase['val_loss']:.4f} (bits per byte {phase['val_bpb']:.4f})"
+              f"{rewards}")
     print(train_summary(report))
 
 

@@ -26,7 +26,7 @@ def _batch(conversations: Conversations, pairs: list[int], width: int) -> Batch:
     members = [2 * p for p in pairs] + [2 * p + 1 for p in pairs]
     rows = [conversations.row(np.array([c]), width)[:2] for c in members]
     tokens, targets = (torch.from_numpy(np.stack(parts)) for parts in zip(*rows))
-    return Batch(tokens, targets)
+    return Batch(tokens, targets, paired=True)
 
 
 class PairBatches:
@@ -86,11 +86,9 @@ class PairBatches:
 
 def preference_val_batches(dataset, seq_len: int, batch_size: int, max_batches: int,
                            weights: dict[str, float] | None = None) -> list[Batch]:
-    """A fixed validation set: the chosen sequences of the val pairs in their order, one per row, up to
-    `max_batches` batches of `batch_size` rows (the last may be short). The trainer's val_loss is then the
-    cross-entropy of the preferred replies."""
+    """A fixed validation set: the val pairs in their order, up to `max_batches` paired batches of
+    `batch_size` pairs (the last may be short). The DPO objective scores held-out reward accuracy and
+    margins on them, and the preferred replies' cross-entropy as val_loss."""
     c = Conversations(dataset, "val", seq_len + 1, weights)
-    chosen = list(range(0, len(c), 2))[:max_batches * batch_size]
-    rows = [c.row(np.array([i]), seq_len + 1)[:2] for i in chosen]
-    return [Batch(*(torch.from_numpy(np.stack(parts)) for parts in zip(*rows[i:i + batch_size])))
-            for i in range(0, len(rows), batch_size)]
+    pairs = list(range(len(c) // 2))[:max_batches * batch_size]
+    return [_batch(c, pairs[i:i + batch_size], seq_len + 1) for i in range(0, len(pairs), batch_size)]

@@ -15,10 +15,19 @@ import torch.nn.functional as F
 from slmforge.data.batch import IGNORE
 
 
+def batch_sums(logits: torch.Tensor, targets: torch.Tensor, byte_lengths: torch.Tensor) -> torch.Tensor:
+    """float64 [3]: (sum of CE nats, scored target tokens, their bytes) of one batch's logits [B, T, V];
+    targets marked IGNORE are not scored. byte_lengths: float64 bytes per token id, on the logits' device."""
+    y = targets.reshape(-1)
+    nats = F.cross_entropy(logits.float().flatten(0, -2), y, reduction="sum", ignore_index=IGNORE)
+    scored = y[y != IGNORE]
+    return torch.stack([nats.double(), torch.tensor(scored.numel(), dtype=torch.float64, device=y.device),
+                        byte_lengths[scored].sum()])
+
+
 @torch.no_grad()
 def eval_sums(model, batches, token_byte_lengths, autocast_ctx=None) -> torch.Tensor:
-    """float64 [3]: (sum of CE nats, scored target tokens, their bytes) over `batches` (`Batch`es; targets
-    marked IGNORE are not scored).
+    """float64 [3]: `batch_sums` added over `batches` (`Batch`es).
 
     Sums, not means, so processes of a distributed run can add theirs before dividing.
     """
@@ -31,12 +40,7 @@ def eval_sums(model, batches, token_byte_lengths, autocast_ctx=None) -> torch.Te
         batch = batch.to(device)
         with autocast_ctx or contextlib.nullcontext():
             logits, _ = model(batch.tokens, **batch.model_inputs())
-        y = batch.targets.reshape(-1)
-        nats = F.cross_entropy(logits.float().flatten(0, -2), y, reduction="sum", ignore_index=IGNORE)
-        scored = y[y != IGNORE]
-        sums[0] += nats.double()
-        sums[1] += scored.numel()
-        sums[2] += byte_lengths[scored].sum()
+        sums += batch_sums(logits, batch.targets, byte_lengths)
     model.train(was_training)
     return sums
 

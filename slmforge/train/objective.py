@@ -7,10 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import contextlib
+
 import torch
 
 from slmforge.config import ConfigError, RunConfig
 from slmforge.data.batch import Batch
+from slmforge.eval.heldout import batch_sums, eval_sums, figures
 from slmforge.train.dpo import dpo_loss, sequence_logprobs
 from slmforge.train.loss import distillation_kl, lm_loss
 
@@ -26,6 +29,16 @@ class LanguageModeling:
         logits, aux = model(batch.tokens, **batch.model_inputs())
         loss, parts = lm_loss(logits, batch.targets, aux, self.z_loss, self.mtp_weight, batch.documents)
         return loss, parts, aux
+
+    def validation_sums(self, model, batches: list[Batch], byte_lengths, autocast_ctx=None) -> torch.Tensor:
+        """float64 sums over the validation batches that processes add before `validation_figures` divides:
+        the data's cross-entropy, scored tokens and their bytes."""
+        return eval_sums(model, batches, byte_lengths, autocast_ctx)
+
+    @staticmethod
+    def validation_figures(sums: torch.Tensor) -> dict:
+        """{loss, ppl, bpb} from `validation_sums`."""
+        return figures(sums)
 
 
 class Distillation(LanguageModeling):
@@ -72,6 +85,38 @@ class Preference:
         # DDP finds a (zero) gradient for every parameter
         unused = sum(m.float().mean() for m in aux.get("mtp_logits") or [])
         return loss + sum(model_losses.values()) + 0.0 * unused, parts, aux
+
+    @torch.no_grad()
+    def validation_sums(self, model, batches: list[Batch], byte_lengths, autocast_ctx=None) -> torch.Tensor:
+        """float64 [7] over paired validation batches: the chosen replies' cross-entropy, tokens and bytes, then
+        the DPO loss summed over pairs, the pairs whose chosen reply has the higher reward, the summed reward
+        margins, and the pair count."""
+        device = next(model.parameters()).device
+        byte_lengths = torch.as_tensor(byte_lengths, dtype=torch.float64, device=device)
+        sums = torch.zeros(7, dtype=torch.float64, device=device)
+        was_training = model.training
+        model.eval()
+        for batch in batches:
+            batch, pairs = batch.to(device), batch.examples
+            with autocast_ctx or contextlib.nullcontext():
+                logits, _ = model(batch.tokens)
+                reference_logits, _ = self.reference(batch.tokens)
+            policy = sequence_logprobs(logits, batch.targets)
+            reference = sequence_logprobs(reference_logits, batch.targets)
+            _, parts = dpo_loss(policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], self.beta)
+            sums[:3] += batch_sums(logits[:pairs], batch.targets[:pairs], byte_lengths)
+            sums[3:] += torch.tensor([parts[k].item() * pairs for k in ("dpo_loss", "reward_accuracy", "reward_margin")]
+                                     + [pairs], dtype=torch.float64, device=device)
+        model.train(was_training)
+        return sums
+
+    @staticmethod
+    def validation_figures(sums: torch.Tensor) -> dict:
+        """The preferred replies' {loss, ppl, bpb}, and the held-out pairs' dpo_loss, reward_accuracy and
+        reward_margin (means over pairs)."""
+        pairs = sums[6].item()
+        return {**figures(sums[:3]), "dpo_loss": sums[3].item() / pairs, "reward_accuracy": sums[4].item() / pairs,
+                "reward_margin": sums[5].item() / pairs}
 
 
 def _preference_objective(cfg: RunConfig, device: torch.device, log: Callable[[str], None]) -> Preference | None:

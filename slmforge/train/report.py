@@ -14,10 +14,11 @@ def phase_report(lines: list[dict], name: str, steps: int, checkpoint: str) -> d
     train_s = sum(line.get("dt", 0.0) for line in step_lines)
     tokens = sum(line.get("tokens_per_s", 0.0) * line.get("dt", 0.0) for line in step_lines)
     end = vals.get(steps, {})
+    figures = {k: v for k, v in end.items() if k.startswith("val_")}  # preference data adds reward figures
     return {"name": name, "steps": steps, "final_loss": step_lines[-1]["loss"] if step_lines else None,
-            "start_val_loss": vals.get(0, {}).get("val_loss"), "val_loss": end.get("val_loss"),
-            "val_bpb": end.get("val_bpb"), "val_ppl": end.get("val_ppl"), "train_s": train_s,
-            "tokens_per_s": tokens / train_s if train_s else None, "checkpoint": checkpoint}
+            "start_val_loss": vals.get(0, {}).get("val_loss"), "val_loss": None, "val_bpb": None, "val_ppl": None,
+            **figures, "train_s": train_s, "tokens_per_s": tokens / train_s if train_s else None,
+            "checkpoint": checkpoint}
 
 
 def run_report(out: Path, phases: list, lines: list[dict], progress, facts: dict) -> dict:
@@ -31,9 +32,7 @@ def run_report(out: Path, phases: list, lines: list[dict], progress, facts: dict
         "checkpoint": final["checkpoint"],
         "phases": reports,
         "tokens": progress.tokens,
-        "val_loss": final["val_loss"],
-        "val_bpb": final["val_bpb"],
-        "val_ppl": final["val_ppl"],
+        **{k: v for k, v in final.items() if k.startswith("val_")},
         "skipped_steps": progress.skipped_steps,
         "best_val_loss": progress.best_val_loss,
         **facts,

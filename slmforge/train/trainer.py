@@ -15,7 +15,8 @@ hyperparameters and schedule; its step counter (and schedule) restart at 0, toke
 metrics.jsonl, training lines: step (steps done in the phase), phase, loss (the total), ce_loss, z_loss,
 any model aux losses, lr {group name: lr}, grad_norm (before clipping), tokens (seen so far, all
 processes), tokens_per_s, dt, skipped; plus min_singular_ratio / rank_warnings on rank checks.
-Evaluation lines: step, phase, tokens, val_loss, val_ppl, val_bpb.
+Evaluation lines: step, phase, tokens, val_loss, val_ppl, val_bpb; on preference data also
+val_dpo_loss, val_reward_accuracy, val_reward_margin (held-out pairs).
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ from slmforge.checkpoint.folder import (
 from slmforge.checkpoint.integrity import CheckpointError, read_json, read_tensors, write_json_atomic
 from slmforge.config import ConfigError, PhaseConfig, RunConfig
 from slmforge.data.loader import training_batches, validation_batches
-from slmforge.eval.heldout import eval_sums, figures
 from slmforge.hardware import autocast, choose_dtype, choose_threads
 from slmforge.model import build_model
 from slmforge.model.lora import adapter_tensors, load_adapters, merged_state_dict
@@ -252,17 +252,16 @@ class Trainer:
         phase, b, rank = self.phases[index], self.phases[index].data.batch_size, self.d.rank
         val = validation_batches(self.datasets[index], phase.data.seq_len, b * self.d.world_size,
                                  self.cfg.train.eval_batches, phase.data.weights or None, packs_rows(self.cfg, index))
-        return [batch.rows(rank * b, (rank + 1) * b) for batch in val if len(batch) > rank * b]
+        return [batch.share(rank * b, (rank + 1) * b) for batch in val if batch.examples > rank * b]
 
     def evaluate(self, phase: PhaseConfig, val: list) -> dict:
         """Validation figures over all ranks, each evaluating its rows of the validation set."""
-        sums = eval_sums(self.model, val, self.byte_lengths, self.autocast)
-        result = figures(distributed.all_reduce_sum(sums, self.d))
+        sums = self.objective.validation_sums(self.model, val, self.byte_lengths, self.autocast)
+        result = self.objective.validation_figures(distributed.all_reduce_sum(sums, self.d))
         p = self.progress
         p.last_val_loss = result["loss"]
         p.best_val_loss = min(p.best_val_loss if p.best_val_loss is not None else math.inf, result["loss"])
-        self.metrics.write(step=p.step, phase=phase.name, tokens=p.tokens, val_loss=result["loss"],
-                           val_ppl=result["ppl"], val_bpb=result["bpb"])
+        self.metrics.write(step=p.step, phase=phase.name, tokens=p.tokens, **{f"val_{k}": v for k, v in result.items()})
         return result
 
     def save(self, phase: PhaseConfig, optimizers: list) -> Path:
@@ -326,7 +325,8 @@ class Trainer:
             last = done == phase.steps
             if done % t.eval_every == 0 or last:
                 result = self.evaluate(phase, val)
-                self.log(f"{phase.name} step {done}: val_loss {result['loss']:.4f}, val_bpb {result['bpb']:.4f}")
+                shown = ", ".join(f"val_{k} {v:.4f}" for k, v in result.items() if k != "ppl")
+                self.log(f"{phase.name} step {done}: {shown}")
             if done % t.save_every == 0 or last:
                 self.save(phase, optimizers)
 
