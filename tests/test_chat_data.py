@@ -10,7 +10,7 @@ import torch
 from slmforge.cli import main
 from slmforge.data.batch import IGNORE
 from slmforge.data.chat import CHATML, ChatSource, encode_conversation, prepare_chat_dataset
-from slmforge.data.conversation_batches import ConversationBatches, conversation_val_batches
+from slmforge.data.conversation_batches import ConversationBatches, EpochOrder, conversation_val_batches
 from slmforge.data.conversations import BadRow, RowFormat, to_messages
 from slmforge.data.loader import TokenDataset
 from slmforge.tokenizer import byte_tokenizer, load_tokenizer
@@ -116,6 +116,14 @@ def test_packed_rows_hold_whole_conversations_once_per_epoch(chat_data):
     assert np.bincount(np.concatenate(twice.epoch(0))).tolist() == [2] * len(batches.conversations)
     again = ConversationBatches(chat_data, 127, 4, seed=3)
     assert torch.equal(again.get(5, 1).tokens, batches.get(5, 1).tokens)
+
+
+def test_rows_walk_epoch_after_epoch_and_are_found_again():
+    order = EpochOrder(lambda e: [f"{e}.{i}" for i in range(e % 3 + 1)])  # epochs of 1, 2, 3, 1, ... items
+    walked = [order[g] for g in range(12)]
+    assert walked == ["0.0", "1.0", "1.1", "2.0", "2.1", "2.2", "3.0", "4.0", "4.1", "5.0", "5.1", "5.2"]
+    fresh = EpochOrder(order.make)  # a restarted run finds a late position first, then earlier ones
+    assert [fresh[g] for g in (10, 3, 0, 11)] == ["5.1", "2.0", "0.0", "5.2"]
 
 
 def test_two_ranks_see_the_rows_of_one(chat_data):

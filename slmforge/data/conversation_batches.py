@@ -15,6 +15,9 @@ A source's weight repeats its conversations per epoch: 2 takes each twice, 0.5 a
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Callable, Sequence
+
 import numpy as np
 import torch
 
@@ -98,6 +101,48 @@ def _to_batch(rows: list[tuple[np.ndarray, ...]], pack: bool) -> Batch:
     return Batch(tokens, targets, positions, documents) if pack else Batch(tokens, targets)
 
 
+def weighted_members(weight: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Item indices for one epoch, each repeated by its weight: 2 twice, 0.5 in a seeded half of epochs."""
+    whole = np.floor(weight).astype(np.int64)
+    extra = rng.random(len(weight)) < weight - whole  # the fractional part of a weight, drawn per epoch
+    return np.repeat(np.arange(len(weight)), whole + extra)
+
+
+def epoch_rng(seed: int, e: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, e])))
+
+
+class EpochOrder:
+    """Epoch after epoch of items, addressed by one global index: epoch e is `make(e)`, a function of e (and
+    the seed) alone, so any position is found again after a restart. The two newest epochs stay in memory."""
+
+    def __init__(self, make: Callable[[int], Sequence]):
+        self.make = make
+        self._epochs: dict[int, Sequence] = {}
+        self._starts = [0]  # the global index where each epoch counted so far starts
+
+    def epoch(self, e: int) -> Sequence:
+        if e not in self._epochs:
+            self._epochs[e] = self.make(e)
+            for old in [k for k in self._epochs if k < e - 1]:
+                del self._epochs[old]
+        return self._epochs[e]
+
+    def __getitem__(self, g: int):
+        while self._starts[-1] <= g:
+            self._starts.append(self._starts[-1] + len(self.epoch(len(self._starts) - 1)))
+        e = bisect.bisect_right(self._starts, g) - 1
+        return self.epoch(e)[g - self._starts[e]]
+
+
+def global_items(step: int, micro: int, batch_size: int, grad_accum: int, world_size: int, rank: int) -> range:
+    """The global indices of the items one rank takes for micro-batch `micro` of optimizer step `step`."""
+    if step < 0 or micro < 0:
+        raise ValueError(f"step and micro must be >= 0, got {step} and {micro}")
+    first = ((step * grad_accum + micro) * world_size + rank) * batch_size
+    return range(first, first + batch_size)
+
+
 class ConversationBatches:
     """`get(step, micro)`: this rank's Batch of rows of whole conversations."""
 
@@ -106,41 +151,22 @@ class ConversationBatches:
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size, self.grad_accum, self.pack = rank, world_size, grad_accum, pack
         self.conversations = Conversations(dataset, "train", seq_len + 1, weights)
-        self._epochs: dict[int, list[np.ndarray]] = {}
-        self._epoch_starts = [0]  # global row index where each computed epoch starts
+        self.order = EpochOrder(self._rows_of_epoch)
+
+    def _rows_of_epoch(self, e: int) -> list[np.ndarray]:
+        c, rng = self.conversations, epoch_rng(self.seed, e)
+        return _rows(c.length, rng.permutation(weighted_members(c.weight, rng)), self.seq_len + 1, self.pack)
 
     def epoch(self, e: int) -> list[np.ndarray]:
         """The rows of epoch e (conversation indices per row)."""
-        if e not in self._epochs:
-            c = self.conversations
-            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, e])))
-            whole = np.floor(c.weight).astype(np.int64)
-            extra = rng.random(len(c)) < c.weight - whole  # the fractional part of a weight, drawn per epoch
-            members = np.repeat(np.arange(len(c)), whole + extra)
-            self._epochs[e] = _rows(c.length, rng.permutation(members), self.seq_len + 1, self.pack)
-            for old in [k for k in self._epochs if k < e - 1]:
-                del self._epochs[old]
-        return self._epochs[e]
+        return self.order.epoch(e)
 
     def rows_per_epoch(self) -> int:
         return len(self.epoch(0))
 
-    def _locate(self, g: int) -> np.ndarray:
-        e = 0
-        while True:
-            if e + 1 >= len(self._epoch_starts):
-                self._epoch_starts.append(self._epoch_starts[e] + len(self.epoch(e)))
-            if g < self._epoch_starts[e + 1]:
-                return self.epoch(e)[g - self._epoch_starts[e]]
-            e += 1
-
     def get(self, step: int, micro: int = 0) -> Batch:
-        if step < 0 or micro < 0:
-            raise ValueError(f"step and micro must be >= 0, got {step} and {micro}")
-        first = ((step * self.grad_accum + micro) * self.world_size + self.rank) * self.batch_size
-        rows = [self.conversations.row(self._locate(g), self.seq_len + 1)
-                for g in range(first, first + self.batch_size)]
-        return _to_batch(rows, self.pack)
+        items = global_items(step, micro, self.batch_size, self.grad_accum, self.world_size, self.rank)
+        return _to_batch([self.conversations.row(self.order[g], self.seq_len + 1) for g in items], self.pack)
 
     def describe(self) -> str:
         """One line on what the rows hold, for the run's log: the count and cost of cut conversations."""

@@ -18,7 +18,13 @@ import numpy as np
 import torch
 
 from slmforge.data.batch import Batch
-from slmforge.data.conversation_batches import Conversations
+from slmforge.data.conversation_batches import (
+    Conversations,
+    EpochOrder,
+    epoch_rng,
+    global_items,
+    weighted_members,
+)
 
 
 def _batch(conversations: Conversations, pairs: list[int], width: int) -> Batch:
@@ -38,38 +44,22 @@ class PairBatches:
         self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
         self.conversations = Conversations(dataset, "train", seq_len + 1, weights)
         self.pair_weight = self.conversations.weight[0::2]  # a pair's two sequences share their source's weight
-        self._epochs: dict[int, np.ndarray] = {}
-        self._epoch_starts = [0]  # global pair index where each computed epoch starts
+        self.order = EpochOrder(self._pairs_of_epoch)
+
+    def _pairs_of_epoch(self, e: int) -> np.ndarray:
+        rng = epoch_rng(self.seed, e)
+        return rng.permutation(weighted_members(self.pair_weight, rng))
 
     def __len__(self) -> int:
         return len(self.pair_weight)
 
     def epoch(self, e: int) -> np.ndarray:
         """The pairs of epoch e, in order."""
-        if e not in self._epochs:
-            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, e])))
-            whole = np.floor(self.pair_weight).astype(np.int64)
-            extra = rng.random(len(self)) < self.pair_weight - whole  # a weight's fractional part, drawn per epoch
-            self._epochs[e] = rng.permutation(np.repeat(np.arange(len(self)), whole + extra))
-            for old in [k for k in self._epochs if k < e - 1]:
-                del self._epochs[old]
-        return self._epochs[e]
-
-    def _locate(self, g: int) -> int:
-        e = 0
-        while True:
-            if e + 1 >= len(self._epoch_starts):
-                self._epoch_starts.append(self._epoch_starts[e] + len(self.epoch(e)))
-            if g < self._epoch_starts[e + 1]:
-                return int(self.epoch(e)[g - self._epoch_starts[e]])
-            e += 1
+        return self.order.epoch(e)
 
     def get(self, step: int, micro: int = 0) -> Batch:
-        if step < 0 or micro < 0:
-            raise ValueError(f"step and micro must be >= 0, got {step} and {micro}")
-        first = ((step * self.grad_accum + micro) * self.world_size + self.rank) * self.batch_size
-        return _batch(self.conversations, [self._locate(g) for g in range(first, first + self.batch_size)],
-                      self.seq_len + 1)
+        items = global_items(step, micro, self.batch_size, self.grad_accum, self.world_size, self.rank)
+        return _batch(self.conversations, [int(self.order[g]) for g in items], self.seq_len + 1)
 
     def describe(self) -> str:
         """One line on what the rows hold, for the run's log: the count and cost of cut sequences."""
