@@ -55,17 +55,17 @@ from slmforge.optim import (
     optimizer_state_tensors,
     param_groups_summary,
     set_lr,
-    smallest_singular_ratios,
 )
 from slmforge.tokenizer import Tokenizer
 from slmforge.train import distributed
 from slmforge.train.errors import TrainingError
+from slmforge.train.guards import check_skips, rank_check
 from slmforge.train.init_weights import add_adapters, load_init_weights
 from slmforge.train.metrics import MetricsLog, json_safe, load_metrics, log
 from slmforge.train.objective import build_objective
 from slmforge.train.report import run_report
 from slmforge.train.run_folder import check_run_dir, config_changes, prepare_run_dir
-from slmforge.train.setup import micro_step_flops, open_data, packs_rows, phase_key, with_init_model
+from slmforge.train.setup import micro_step_flops, open_data, packs_rows, with_init_model
 
 
 @dataclass
@@ -213,37 +213,6 @@ class Trainer:
         record["step_tokens"] = rows_tokens * self.d.world_size  # every rank's rows have the same shape
         return record
 
-    def check_skips(self, record: dict, phase: PhaseConfig, step: int) -> None:
-        p, limit = self.progress, self.cfg.train.max_bad_steps
-        if not record["skipped"]:
-            p.consecutive_skips = 0
-            return
-        p.consecutive_skips += 1
-        p.skipped_steps += 1
-        self.log(f"{phase.name} step {step}: non-finite loss {record['loss']} or grad norm {record['grad_norm']}; "
-                 f"optimizer step skipped ({p.consecutive_skips} in a row, limit train.max_bad_steps={limit})")
-        if p.consecutive_skips >= limit:
-            optim = phase_key(self.cfg, p.phase_index, "optim")
-            raise TrainingError(
-                f"training stopped: {p.consecutive_skips} optimizer steps in a row had a non-finite loss or gradient "
-                f"norm (phase '{phase.name}', step {step}). Try a lower learning rate ({optim}.lr / {optim}.muon_lr), "
-                f"a longer warmup (schedule.warmup_steps), gradient clipping ({optim}.grad_clip=1.0), "
-                f"train.dtype=fp32 or a larger train.z_loss; then start again with --fresh, or --resume from the "
-                f"last checkpoint."
-            )
-
-    def rank_check(self, record: dict, optimizers: list) -> None:
-        """The rank-collapse sentinel: Muon matrices whose sigma_min / sigma_max fell below rank_warn_ratio."""
-        ratios = smallest_singular_ratios(optimizers)
-        if not ratios:
-            return
-        record["min_singular_ratio"] = min(ratios.values())
-        low = {name: r for name, r in ratios.items() if r < self.cfg.train.rank_warn_ratio}
-        if low:
-            record["rank_warnings"] = low
-            self.log(f"rank warning: {len(low)} matrices below sigma_min/sigma_max={self.cfg.train.rank_warn_ratio}: "
-                     + ", ".join(f"{n}={r:.2e}" for n, r in sorted(low.items(), key=lambda kv: kv[1])[:5]))
-
     # --- evaluation and checkpoints ---
 
     def local_val_batches(self, index: int) -> list:
@@ -315,9 +284,9 @@ class Trainer:
             self.progress.tokens += step_tokens
             record.update(tokens=self.progress.tokens, tokens_per_s=step_tokens / dt, dt=dt)
             if t.rank_check_every and done % t.rank_check_every == 0 and d.is_main:
-                self.rank_check(record, optimizers)
+                rank_check(record, optimizers, t.rank_warn_ratio, self.log)
             self.metrics.write(**record)
-            self.check_skips(record, phase, done)
+            check_skips(self.progress, record, self.cfg, phase, done, self.log)
             bar.update()
             if done % t.log_every == 0:
                 lr = next(iter(record["lr"].values()))
