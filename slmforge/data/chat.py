@@ -16,8 +16,6 @@ the server tokenizes a prompt and the model continues it.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from slmforge.data.conversations import RowFormat, read_conversations
-from slmforge.data.prepare import FORMAT_VERSION, _check_replaceable, _is_val, _move_into_place, \
-    _remove_leftovers_of_dead_runs
+from slmforge.data.prepare import FORMAT_VERSION, _is_val, dataset_folder
 from slmforge.tokenizer.chat_template import ChatTemplate, TemplateError
 from slmforge.tokenizer.tokenizer import Tokenizer
 
@@ -199,8 +196,8 @@ def write_rendered_dataset(kind: str, flag: str, unit: str, sources: list[ChatSo
                            write_source: Callable, meta: dict, totals: tuple[str, ...]) -> dict:
     """The frame chat and preference datasets share: the sources checked, the chat tokenizer saved, each
     source written by `write_source(source, its validation source or None, template, folder, dtype) -> its
-    meta.json entry` (whose `train_<unit>s` must not be 0), into a folder beside `out_dir` renamed into place
-    at the end, so a bad row leaves nothing behind. Returns the meta.json content."""
+    meta.json entry` (whose `train_<unit>s` must not be 0), whole or not at all (`dataset_folder`), so a bad
+    row leaves nothing behind. Returns the meta.json content."""
     if not sources:
         raise ValueError(f"{flag} needs at least one .jsonl file")
     names = [s.name for s in sources]
@@ -214,14 +211,8 @@ def write_rendered_dataset(kind: str, flag: str, unit: str, sources: list[ChatSo
         raise ValueError(f"validation files name no {flag} source: {sorted(set(held_out) - set(names))}")
     tokenizer = chat_tokenizer(tokenizer, template)
     chat_template = ChatTemplate(tokenizer.chat_template, tokenizer)
-    out_dir = Path(out_dir)
-    _check_replaceable(out_dir)
-    _remove_leftovers_of_dead_runs(out_dir)
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
-    partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        partial.mkdir(parents=True)
+    with dataset_folder(Path(out_dir)) as partial:
         tokenizer.save(partial)
         per_source = {s.name: write_source(s, held_out.get(s.name), chat_template, partial / s.name, dtype)
                       for s in sources}
@@ -234,10 +225,6 @@ def write_rendered_dataset(kind: str, flag: str, unit: str, sources: list[ChatSo
                 "pad_id": tokenizer.pad_id, **meta, "sources": per_source,
                 "total": {k: sum(m[k] for m in per_source.values()) for k in totals}}
         (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _move_into_place(partial, out_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return meta
 
 

@@ -15,6 +15,7 @@ With `fim_rate` > 0, that share of the training documents is rearranged for fill
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -55,10 +56,7 @@ def prepare_dataset(
 ) -> dict:
     """Tokenize `sources` into a dataset folder at `out_dir` and return its meta.json content.
 
-    Every source must exist before any is read. The folder is written beside `out_dir` under a temporary
-    name and renamed into place at the end, so a failed run leaves no half dataset (a killed one leaves its
-    temporary folder, which the next prepare into `out_dir` removes); an existing dataset at `out_dir` is
-    replaced only on success.
+    Every source must exist before any is read. The folder is written whole or not at all (`dataset_folder`).
     `max_tokens_per_source` stops reading a source after the document that reaches it. A source with a
     `val_sources` entry of the same name (e.g. GSM8K's test split) takes its whole validation set from
     there, and all its own documents train.
@@ -73,18 +71,12 @@ def prepare_dataset(
     if unknown:
         raise ValueError(f"validation sources {unknown} name no training source (names: {[s.name for s in sources]})")
     check_sources([*sources, *held_out.values()])
-    out_dir = Path(out_dir)
-    _check_replaceable(out_dir)
-    _remove_leftovers_of_dead_runs(out_dir)
     fim = None
     if fim_rate > 0:
         tokenizer = with_fim_tokens(tokenizer)
         fim = FimTransform(find_fim_ids(tokenizer), fim_rate, fim_spm_rate, fim_seed)
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
-    partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        partial.mkdir(parents=True)
+    with dataset_folder(Path(out_dir)) as partial:
         tokenizer.save(partial)
         per_source = {}
         for source in sources:
@@ -105,16 +97,6 @@ def prepare_dataset(
             "total": {k: sum(m[k] for m in per_source.values()) for k in _COUNTS},
         }
         (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _move_into_place(partial, out_dir)
-    except OSError as e:
-        shutil.rmtree(partial, ignore_errors=True)
-        if e.errno is None:  # a message of our own (a source that vanished): it already says what and where
-            raise
-        # The failing path is a temporary one, gone now (or none: numpy's writes give no file name).
-        raise OSError(e.errno, f"cannot write the dataset: {e.strerror}", str(out_dir)) from e
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     if progress:
         print(format_report(meta))
     return meta
@@ -255,6 +237,31 @@ def _check_not_empty(sources: list[Source], per_source: dict) -> None:
     )
     what = "the corpus is empty" if len(empty) == len(sources) else "some sources gave no documents"
     raise ValueError(f"{what}: {details}")
+
+
+@contextlib.contextmanager
+def dataset_folder(out_dir: Path) -> Iterator[Path]:
+    """A folder to write a dataset into: made beside `out_dir` under a temporary name, renamed to `out_dir`
+    when the block ends and removed if it fails, so a failed run leaves no half dataset and an existing
+    dataset at `out_dir` is replaced only on success. A killed run leaves its temporary folder, which the
+    next prepare into `out_dir` removes."""
+    _check_replaceable(out_dir)
+    _remove_leftovers_of_dead_runs(out_dir)
+    partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        partial.mkdir(parents=True)
+        yield partial
+        _move_into_place(partial, out_dir)
+    except OSError as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        if e.errno is None:  # a message of our own (a source that vanished): it already says what and where
+            raise
+        # The failing path is a temporary one, gone now (or none: numpy's writes give no file name).
+        raise OSError(e.errno, f"cannot write the dataset: {e.strerror}", str(out_dir)) from e
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 def _move_into_place(partial: Path, out_dir: Path) -> None:
