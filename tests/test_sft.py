@@ -11,12 +11,13 @@ from helpers import crash_then_resume, random_checkpoint
 from slmforge.config import ConfigError, load_config
 from slmforge.data.batch import IGNORE, Batch
 from slmforge.data.chat import CHATML, ChatSource, encode_conversation, prepare_chat_dataset
-from slmforge.data.conversation_batches import ConversationBatches
+from slmforge.data.conversation_batches import ConversationBatches, conversation_val_batches
 from slmforge.data.loader import TokenDataset
+from slmforge.data.prepare import _is_val
 from slmforge.data.sources import Source
 from slmforge.model import build_model
 from slmforge.model.vocab import grow_vocab_rows
-from slmforge.tokenizer import byte_tokenizer, train_bpe
+from slmforge.tokenizer import byte_tokenizer, load_tokenizer, train_bpe
 from slmforge.tokenizer.chat_template import ChatTemplate
 from slmforge.train import train
 from slmforge.train.objective import LanguageModeling
@@ -163,9 +164,13 @@ def test_multiscale_model_pads_and_refuses_to_pack(chat_folder, tmp_path):
               tmp_path / "other")
 
 
-def test_validation_scores_the_learned_tokens_only(chat_folder):
-    dataset = TokenDataset(chat_folder / "data")
-    batches = ConversationBatches(dataset, 63, 4, seed=0)
-    batch = batches.get(0)
-    learned = int((batch.targets != IGNORE).sum())
-    assert 0 < learned < batch.targets.numel() and batch.scored == learned
+def test_validation_scores_exactly_the_held_out_replies(chat_folder):
+    """The validation targets are each held-out reply's bytes and the end of its turn (<|im_end|> and a
+    newline in ChatML), in order: nothing of the user's turns or the template's headers, nothing across packed
+    conversations."""
+    end_of_turn = [load_tokenizer(chat_folder / "data").hf.token_to_id("<|im_end|>"), ord("\n")]
+    replies = [c["messages"][1]["content"] for i, c in enumerate(conversations(60)) if _is_val(i, 0.2)]
+    val = conversation_val_batches(TokenDataset(chat_folder / "data"), 191, 4, max_batches=100)
+    assert sum(len(b) for b in val) < len(replies)  # the rows pack several conversations each
+    scored = torch.cat([b.targets[b.targets != IGNORE] for b in val]).tolist()
+    assert scored == [t for r in replies for t in [*r.encode(), *end_of_turn]]
