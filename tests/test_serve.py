@@ -319,7 +319,8 @@ def test_metrics_move_with_the_work_done(plain):
 
 def test_a_client_that_goes_away_frees_its_slot_at_once(plain):
     """2000 tokens take seconds; a stream closed after two chunks, and a plain request whose client times
-    out, are cancelled within a step or two."""
+    out, are cancelled long before their end. Counted in tokens, not seconds: on a loaded machine the
+    engine's steps and the server's notice of the closed connection slow down together."""
     ask = {"model": "tiny", "prompt": "a long story", "max_tokens": 2000, "min_tokens": 2000, "temperature": 0}
     before = plain.engine.stats()["generated_tokens"]
     with httpx.stream("POST", f"{plain.base_url}/completions", json={**ask, "stream": True}) as response:
@@ -329,13 +330,13 @@ def test_a_client_that_goes_away_frees_its_slot_at_once(plain):
             if events == 2:
                 break
         assert plain.engine.stats()["running"] == 1
-    assert plain.wait_until_idle(timeout=5) < 2
+    plain.wait_until_idle(timeout=30)
     assert plain.engine.stats()["generated_tokens"] - before < 1000
 
     before = plain.engine.stats()["generated_tokens"]
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{plain.base_url}/completions", json=ask, timeout=httpx.Timeout(5, read=0.3))
-    assert plain.wait_until_idle(timeout=5) < 2
+    plain.wait_until_idle(timeout=30)
     assert plain.engine.stats()["generated_tokens"] - before < 1000
 
 
