@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import crash_then_resume, random_checkpoint
+from helpers import crash_then_resume, random_checkpoint, word_dataset
 from slmforge.config import ConfigError, load_config
 from slmforge.data.batch import IGNORE, Batch
 from slmforge.data.chat import CHATML, ChatSource, encode_conversation, prepare_chat_dataset
@@ -174,3 +174,31 @@ def test_validation_scores_exactly_the_held_out_replies(chat_folder):
     assert sum(len(b) for b in val) < len(replies)  # the rows pack several conversations each
     scored = torch.cat([b.targets[b.targets != IGNORE] for b in val]).tolist()
     assert scored == [t for r in replies for t in [*r.encode(), *end_of_turn]]
+
+
+def test_pretraining_then_sft_in_one_run_of_two_phases(chat_folder, tmp_path):
+    """Text data of the byte tokenizer, then chat data whose tokenizer extends it with the chat markers: the
+    run's tokenizer is the chat one, in every checkpoint. Data of an unrelated tokenizer is refused."""
+    text = word_dataset(tmp_path / "text")
+    raw = {"base": "tiny", "train": {"dtype": "fp32", "eval_every": 2, "save_every": 3},
+           "phases": [{"name": "pretrain", "steps": 3, "data": {"path": str(text)}},
+                      {"name": "sft", "steps": 3, "data": {"path": str(chat_folder / "data")}}]}
+    (tmp_path / "two.json").write_text(json.dumps(raw))
+    report = train(load_config(str(tmp_path / "two.json")), tmp_path / "run")
+    assert [p["name"] for p in report["phases"]] == ["pretrain", "sft"]
+    for phase in ("pretrain", "sft"):
+        tokenizer = load_tokenizer(tmp_path / "run" / phase / "step_3")
+        assert tokenizer.vocab_size == 260 and "<|im_start|>" in tokenizer.chat_template
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    sft_val = [line for line in lines if line["phase"] == "sft" and "val_loss" in line]
+    assert [line["step"] for line in sft_val] == [0, 2, 3]
+
+    texts = tmp_path / "bpe.txt"
+    texts.write_text("the quick brown fox " * 200)
+    bpe = train_bpe([Source("t", str(texts))], 270, progress=False)
+    prepare_chat_dataset([ChatSource("chat", chat_folder / "chat.jsonl")], bpe, tmp_path / "bpe-data", progress=False)
+    raw["phases"][1]["data"]["path"] = str(tmp_path / "bpe-data")
+    (tmp_path / "two.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=r"^phases.0.data.path=.*text/data was tokenized with another tokenizer than "
+                                          r"phases.1.data.path=.*bpe-data \(258 and 270 tokens, different ids\)"):
+        train(load_config(str(tmp_path / "two.json")), tmp_path / "other")

@@ -22,9 +22,12 @@ def phase_key(cfg: RunConfig, i: int, key: str) -> str:
 
 
 def open_data(cfg: RunConfig) -> tuple[RunConfig, list[TokenDataset], Tokenizer]:
-    """(the config with the model's vocabulary fitted to the data, each phase's dataset, the tokenizer they
-    share)."""
-    datasets, tokenizer = [], None
+    """(the config with the model's vocabulary fitted to the data, each phase's dataset, the run's tokenizer).
+
+    Phases may use one tokenizer, or tokenizers that extend it with special tokens (pretraining on text, then
+    SFT on chat data whose tokenizer gained the chat markers and a template): the run's tokenizer is then the
+    largest, the last phase's among equals, and every phase's ids mean the same in it."""
+    datasets, tokenizers = [], []
     for i, phase in enumerate(cfg.run_phases()):
         key = phase_key(cfg, i, "data.path")
         if not phase.data.path:
@@ -33,11 +36,17 @@ def open_data(cfg: RunConfig) -> tuple[RunConfig, list[TokenDataset], Tokenizer]
             raise ConfigError(f"{key}={phase.data.path}: no such folder (prepare one with `slmforge data prepare`)")
         datasets.append(TokenDataset(phase.data.path))
         packs_rows(cfg, i)
-        phase_tokenizer = load_tokenizer(phase.data.path)
-        if tokenizer is not None and phase_tokenizer.hf.to_str() != tokenizer.hf.to_str():
-            raise ConfigError(f"{key}={phase.data.path} was tokenized with a different tokenizer than phase 0's data")
-        tokenizer = tokenizer or phase_tokenizer
-    cfg = fit_vocab(cfg, tokenizer)
+        tokenizers.append(load_tokenizer(phase.data.path))
+    phases = cfg.run_phases()
+    index = max(range(len(phases)), key=lambda i: (tokenizers[i].vocab_size, i))
+    tokenizer = tokenizers[index]
+    where = f"{phase_key(cfg, index, 'data.path')}={phases[index].data.path}"
+    for i, phase_tokenizer in enumerate(tokenizers):
+        if not tokenizer.extends(phase_tokenizer):
+            raise ConfigError(f"{phase_key(cfg, i, 'data.path')}={phases[i].data.path} was tokenized with another "
+                              f"tokenizer than {where} ({phase_tokenizer.vocab_size} and {tokenizer.vocab_size} "
+                              "tokens, different ids): prepare every phase's data with one --tokenizer")
+    cfg = fit_vocab(cfg, tokenizer, where)
     check_teacher(cfg, tokenizer)
     return cfg, datasets, tokenizer
 
@@ -64,22 +73,22 @@ def check_teacher(cfg: RunConfig, tokenizer: Tokenizer) -> None:
                               f"{phase_key(cfg, i, 'data.packing')}=pad")
 
 
-def fit_vocab(cfg: RunConfig, tokenizer: Tokenizer) -> RunConfig:
+def fit_vocab(cfg: RunConfig, tokenizer: Tokenizer, where: str) -> RunConfig:
     """`cfg` once its model has a row for every id of the data's tokenizer. From an init checkpoint the
     data must be tokenized by the checkpoint's tokenizer, or by it with special tokens added after its last
-    id (chat markers, FIM): then the model grows by those rows (the trainer initialises them)."""
-    key, path = phase_key(cfg, 0, "data.path"), cfg.run_phases()[0].data.path
+    id (chat markers, FIM): then the model grows by those rows (the trainer initialises them). `where`: the
+    data the tokenizer came from, as the messages name it (`data.path=DIR`)."""
     if cfg.train.init:
         init_tokenizer = read_tokenizer(Path(cfg.train.init))
         if not tokenizer.extends(init_tokenizer):
-            raise ConfigError(f"{key}={path} was not tokenized with the tokenizer of train.init={cfg.train.init} "
+            raise ConfigError(f"{where} was not tokenized with the tokenizer of train.init={cfg.train.init} "
                               f"({tokenizer.vocab_size} and {init_tokenizer.vocab_size} tokens, different ids): "
                               f"prepare it with --tokenizer {cfg.train.init}")
         if tokenizer.vocab_size > cfg.model.vocab_size:
             raw = cfg.to_dict()
             raw["model"]["vocab_size"] = tokenizer.vocab_size
             return from_dict(raw)
-    check_vocab(cfg.model, tokenizer.vocab_size, f"the tokenizer of {key}={path}")
+    check_vocab(cfg.model, tokenizer.vocab_size, f"the tokenizer of {where}")
     return cfg
 
 
