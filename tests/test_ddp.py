@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from helpers import random_checkpoint
 from slmforge.config import load_config
-from slmforge.data.chat import ChatSource
+from slmforge.data.chat import ChatSource, prepare_chat_dataset
 from slmforge.data.preference import prepare_preference_dataset
 from slmforge.data.prepare import prepare_dataset
 from slmforge.data.sources import Source
@@ -108,3 +108,25 @@ def test_dpo_two_processes_match_one_with_twice_the_pairs(tmp_path):
     ddp, one = _lines(tmp_path / "ddp"), _lines(tmp_path / "single")
     _same_lines(ddp, one, ("loss", "reward_margin", "grad_norm", "val_loss", "val_dpo_loss", "val_reward_margin"))
     assert one[-1]["val_reward_margin"] != 0.0
+
+
+@pytest.mark.slow
+def test_sft_two_processes_match_one_with_twice_the_rows(tmp_path, monkeypatch):
+    """Packed conversations (positions, documents and the loss mask) split across processes as rows, and the
+    step's loss is the mean over all its learned tokens, however many each process and micro-batch holds."""
+    monkeypatch.setattr("slmforge.optim.muon.cpu_has_fast_bf16", lambda: False)  # as in the test above
+    rows = [{"messages": [{"role": "user", "content": f"q{i % 7} q{i % 3}"},
+                          {"role": "assistant", "content": f"a{(i * 3) % 5} a{i % 4}"}]} for i in range(40)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prepare_chat_dataset([ChatSource("chat", tmp_path / "chat.jsonl")], byte_tokenizer(), tmp_path / "data",
+                         val_fraction=0.2, progress=False)
+    configs = []
+    for batch in (2, 4):
+        raw = {"base": "tiny", "data": {"path": str(tmp_path / "data"), "batch_size": batch, "seq_len": 96},
+               "train": {"steps": 4, "grad_accum": 2, "eval_every": 2, "eval_batches": 2, "save_every": 4,
+                         "dtype": "fp32"}}
+        configs.append(tmp_path / f"rows{batch}.json")
+        configs[-1].write_text(json.dumps(raw))
+    _torchrun(tmp_path, configs[0], tmp_path / "ddp")
+    train(load_config(str(configs[1])), tmp_path / "single")
+    _same_lines(_lines(tmp_path / "ddp"), _lines(tmp_path / "single"), ("loss", "grad_norm", "val_loss", "val_bpb"))

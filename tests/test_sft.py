@@ -202,3 +202,25 @@ def test_pretraining_then_sft_in_one_run_of_two_phases(chat_folder, tmp_path):
     with pytest.raises(ConfigError, match=r"^phases.0.data.path=.*text/data was tokenized with another tokenizer than "
                                           r"phases.1.data.path=.*bpe-data \(258 and 270 tokens, different ids\)"):
         train(load_config(str(tmp_path / "two.json")), tmp_path / "other")
+
+
+def test_accumulated_micro_batches_weigh_by_their_learned_tokens(tmp_path):
+    """Two micro-batches of 4 rows make the same step as one of 8: the loss is the mean over the step's
+    learned tokens, not the mean of the micro-batches' means (their rows hold different numbers of them)."""
+    rows = [{"messages": [{"role": "user", "content": f"q{i % 7}"},
+                          {"role": "assistant", "content": " ".join(["a"] * (1 + (i * 7) % 11))}]} for i in range(40)]
+    prepare_chat_dataset([ChatSource("chat", write_rows(tmp_path / "chat.jsonl", rows))], byte_tokenizer(),
+                         tmp_path / "data", val_fraction=0.2, progress=False)
+    micro = [ConversationBatches(TokenDataset(tmp_path / "data"), 47, 4, seed=1337, grad_accum=2).get(0, m)
+             for m in (0, 1)]
+    assert micro[0].scored != micro[1].scored  # the test can fail
+    lines = {}
+    for batch, accum in ((8, 1), (4, 2)):
+        cfg = sft_config(tmp_path / "data", f"data.batch_size={batch}", f"train.grad_accum={accum}",
+                         "data.seq_len=47", "train.steps=3", "optim.name=adamw")
+        train(cfg, tmp_path / f"b{batch}")
+        lines[accum] = step_lines(tmp_path / f"b{batch}")
+    for one, two in zip(lines[1], lines[2]):
+        for key in ("loss", "grad_norm"):
+            if key in one:
+                assert two[key] == pytest.approx(one[key], abs=1e-5), (key, one, two)

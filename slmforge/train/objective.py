@@ -30,6 +30,11 @@ class LanguageModeling:
         loss, parts = lm_loss(logits, batch.targets, aux, self.z_loss, self.mtp_weight, batch.documents)
         return loss, parts, aux
 
+    @staticmethod
+    def averaged_over(batch: Batch) -> int:
+        """The count the loss of `batch` is a mean over: its scored targets."""
+        return batch.scored
+
     def validation_sums(self, model, batches: list[Batch], byte_lengths, autocast_ctx=None) -> torch.Tensor:
         """float64 sums over the validation batches that processes add before `validation_figures` divides:
         the data's cross-entropy, scored tokens and their bytes."""
@@ -85,6 +90,11 @@ class Preference:
         # DDP finds a (zero) gradient for every parameter
         unused = sum(m.float().mean() for m in aux.get("mtp_logits") or [])
         return loss + sum(model_losses.values()) + 0.0 * unused, parts, aux
+
+    @staticmethod
+    def averaged_over(batch: Batch) -> int:
+        """The count the loss of `batch` is a mean over: its pairs."""
+        return batch.examples
 
     @torch.no_grad()
     def validation_sums(self, model, batches: list[Batch], byte_lengths, autocast_ctx=None) -> torch.Tensor:

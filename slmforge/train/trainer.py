@@ -176,18 +176,25 @@ class Trainer:
     def train_step(self, phase: PhaseConfig, optimizers: list, batches, step: int) -> dict:
         set_lr(optimizers, lr_factor(step, phase.steps, phase.schedule))
         accum = self.cfg.train.grad_accum
+        micro_batches = [batches.get(step, micro) for micro in range(accum)]
+        # each micro-batch's mean loss weighs by its share of the step's scored tokens (or pairs) over all
+        # processes, so that the step minimises their mean whatever the accumulation and the process count;
+        # DDP's gradient average divides by world_size, which the weights multiply back
+        counts = torch.tensor([self.objective.averaged_over(b) for b in micro_batches], dtype=torch.float64)
+        step_count = distributed.all_reduce_sum(counts.sum().to(self.d.device), self.d).item()
+        weights = (counts * self.d.world_size / max(step_count, 1.0)).tolist()
         totals: dict[str, torch.Tensor] = {}
         expert_load = None  # [n_moe_layers, n_experts] tokens routed over the step (MoE models)
         dropped = rows_tokens = 0
-        for micro in range(accum):
-            batch = batches.get(step, micro).to(self.d.device, non_blocking=True)
+        for micro, (batch, weight) in enumerate(zip(micro_batches, weights)):
+            batch = batch.to(self.d.device, non_blocking=True)
             rows_tokens += batch.tokens.numel()  # a preference batch holds two rows per pair
             with distributed.grad_sync(self.ddp, sync=micro == accum - 1):
                 with self.autocast:
                     loss, parts, aux = self.objective(self.train_model, batch)
-                (loss / accum).backward()
+                (loss * weight).backward()
             for name, value in {"loss": loss.detach(), **parts}.items():
-                totals[name] = totals.get(name, 0) + value / accum
+                totals[name] = totals.get(name, 0) + value * weight
             if "expert_load" in aux:
                 expert_load = aux["expert_load"] if expert_load is None else expert_load + aux["expert_load"]
                 dropped += aux["expert_dropped"]
