@@ -26,23 +26,30 @@ def batch_sums(logits: torch.Tensor, targets: torch.Tensor, byte_lengths: torch.
 
 
 @torch.no_grad()
-def eval_sums(model, batches, token_byte_lengths, autocast_ctx=None) -> torch.Tensor:
-    """float64 [3]: `batch_sums` added over `batches` (`Batch`es).
+def sum_over_batches(model, batches, score, size: int, autocast_ctx=None) -> torch.Tensor:
+    """float64 [size]: `score(batch, logits)` added over `batches` (`Batch`es, moved to the model's device),
+    the model in eval mode; score runs inside `autocast_ctx` too.
 
     Sums, not means, so processes of a distributed run can add theirs before dividing.
     """
     device = next(model.parameters()).device
-    byte_lengths = torch.as_tensor(token_byte_lengths, dtype=torch.float64, device=device)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    sums = torch.zeros(size, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
     for batch in batches:
         batch = batch.to(device)
         with autocast_ctx or contextlib.nullcontext():
             logits, _ = model(batch.tokens, **batch.model_inputs())
-        sums += batch_sums(logits, batch.targets, byte_lengths)
+            sums += score(batch, logits)
     model.train(was_training)
     return sums
+
+
+def eval_sums(model, batches, token_byte_lengths, autocast_ctx=None) -> torch.Tensor:
+    """float64 [3]: `batch_sums` added over `batches` (`Batch`es)."""
+    byte_lengths = torch.as_tensor(token_byte_lengths, dtype=torch.float64, device=next(model.parameters()).device)
+    return sum_over_batches(model, batches, lambda batch, logits: batch_sums(logits, batch.targets, byte_lengths), 3,
+                            autocast_ctx)
 
 
 def figures(sums: torch.Tensor) -> dict:

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import contextlib
-
 import torch
 
 from slmforge.config import ConfigError, RunConfig
 from slmforge.data.batch import Batch
-from slmforge.eval.heldout import batch_sums, eval_sums, figures
+from slmforge.eval.heldout import batch_sums, eval_sums, figures, sum_over_batches
 from slmforge.train.dpo import dpo_loss, sequence_logprobs
 from slmforge.train.loss import distillation_kl, lm_loss
 
@@ -96,29 +94,22 @@ class Preference:
         """The count the loss of `batch` is a mean over: its pairs."""
         return batch.examples
 
-    @torch.no_grad()
     def validation_sums(self, model, batches: list[Batch], byte_lengths, autocast_ctx=None) -> torch.Tensor:
         """float64 [7] over paired validation batches: the chosen replies' cross-entropy, tokens and bytes, then
         the DPO loss summed over pairs, the pairs whose chosen reply has the higher reward, the summed reward
         margins, and the pair count."""
-        device = next(model.parameters()).device
-        byte_lengths = torch.as_tensor(byte_lengths, dtype=torch.float64, device=device)
-        sums = torch.zeros(7, dtype=torch.float64, device=device)
-        was_training = model.training
-        model.eval()
-        for batch in batches:
-            batch, pairs = batch.to(device), batch.examples
-            with autocast_ctx or contextlib.nullcontext():
-                logits, _ = model(batch.tokens)
-                reference_logits, _ = self.reference(batch.tokens)
+        byte_lengths = torch.as_tensor(byte_lengths, dtype=torch.float64, device=next(model.parameters()).device)
+
+        def score(batch: Batch, logits: torch.Tensor) -> torch.Tensor:
+            pairs = batch.examples
             policy = sequence_logprobs(logits, batch.targets)
-            reference = sequence_logprobs(reference_logits, batch.targets)
+            reference = sequence_logprobs(self.reference(batch.tokens)[0], batch.targets)
             _, parts = dpo_loss(policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], self.beta)
-            sums[:3] += batch_sums(logits[:pairs], batch.targets[:pairs], byte_lengths)
-            sums[3:] += torch.tensor([parts[k].item() * pairs for k in ("dpo_loss", "reward_accuracy", "reward_margin")]
-                                     + [pairs], dtype=torch.float64, device=device)
-        model.train(was_training)
-        return sums
+            dpo = [parts[k].item() * pairs for k in ("dpo_loss", "reward_accuracy", "reward_margin")]
+            return torch.cat([batch_sums(logits[:pairs], batch.targets[:pairs], byte_lengths),
+                              torch.tensor([*dpo, pairs], dtype=torch.float64, device=logits.device)])
+
+        return sum_over_batches(model, batches, score, 7, autocast_ctx)
 
     @staticmethod
     def validation_figures(sums: torch.Tensor) -> dict:
