@@ -247,15 +247,23 @@ def prepare_chat_dataset(sources: list[ChatSource], tokenizer: Tokenizer, out_di
                                    "skipped_files", "skipped_lines"))
 
 
-def format_chat_report(meta: dict) -> str:
-    rows = [f"{'source':<16}{'train conv':>12}{'val conv':>10}{'tokens':>12}{'learned':>10}{'median':>8}"
+def format_rendered_report(meta: dict, unit: str, label: str, footnote: str) -> str:
+    """The table `data prepare` prints for a chat or preference dataset: per source its training and
+    validation `unit`s (meta keys train_<unit>, val_<unit>; `label` in the header), tokens, the share of
+    training tokens learned, the median and longest sequence, and the rows skipped by reason."""
+    rows = [f"{'source':<16}{'train ' + label:>12}{'val ' + label:>10}{'tokens':>12}{'learned':>10}{'median':>8}"
             f"{'longest':>9}  skipped"]
     for name, m in meta["sources"].items():
         tokens = m["train_tokens"] + m["val_tokens"]
         reasons = ", ".join(f"{k}: {v:,}" for k, v in m["skip_reasons"].items()) or "none"
-        rows.append(f"{name:<16}{m['train_conversations']:>12,}{m['val_conversations']:>10,}{tokens:>12,}"
+        rows.append(f"{name:<16}{m['train_' + unit]:>12,}{m['val_' + unit]:>10,}{tokens:>12,}"
                     f"{m['trained_tokens'] / max(m['train_tokens'], 1):>10.1%}{m['median_length']:>8,}"
                     f"{m['longest']:>9,}  {reasons}")
-    return "\n".join(rows) + (f"\nlearned: the share of training tokens in the loss (--train-on {meta['train_on']});"
-                              " conversations longer than a run's data.seq_len + 1 tokens are cut to it when packed")
+    return "\n".join(rows) + "\n" + footnote
+
+
+def format_chat_report(meta: dict) -> str:
+    return format_rendered_report(meta, "conversations", "conv",
+                                  f"learned: the share of training tokens in the loss (--train-on {meta['train_on']});"
+                                  " conversations longer than a run's data.seq_len + 1 tokens are cut to it when packed")
 

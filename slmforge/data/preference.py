@@ -15,7 +15,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slmforge.data.chat import ChatSource, encode_conversation, write_rendered_dataset, write_rendered_source
+from slmforge.data.chat import (
+    ChatSource,
+    encode_conversation,
+    format_rendered_report,
+    write_rendered_dataset,
+    write_rendered_source,
+)
 from slmforge.data.conversations import BadRow, RowFormat, read_rows, to_messages
 from slmforge.tokenizer.chat_template import ChatTemplate
 from slmforge.tokenizer.tokenizer import Tokenizer
@@ -81,13 +87,5 @@ def prepare_preference_dataset(sources: list[ChatSource], tokenizer: Tokenizer, 
 
 
 def format_preference_report(meta: dict) -> str:
-    rows = [f"{'source':<16}{'train pairs':>12}{'val pairs':>10}{'tokens':>12}{'learned':>10}{'median':>8}"
-            f"{'longest':>9}  skipped"]
-    for name, m in meta["sources"].items():
-        tokens = m["train_tokens"] + m["val_tokens"]
-        reasons = ", ".join(f"{k}: {v:,}" for k, v in m["skip_reasons"].items()) or "none"
-        rows.append(f"{name:<16}{m['train_pairs']:>12,}{m['val_pairs']:>10,}{tokens:>12,}"
-                    f"{m['trained_tokens'] / max(m['train_tokens'], 1):>10.1%}{m['median_length']:>8,}"
-                    f"{m['longest']:>9,}  {reasons}")
-    return "\n".join(rows) + ("\nlearned: the share of training tokens in the replies the loss compares; sequences "
-                              "longer than a run's data.seq_len + 1 tokens are cut to it")
+    return format_rendered_report(meta, "pairs", "pairs", "learned: the share of training tokens in the replies the "
+                                  "loss compares; sequences longer than a run's data.seq_len + 1 tokens are cut to it")
