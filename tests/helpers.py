@@ -1,5 +1,6 @@
 """Small builders shared by the training tests."""
 
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +32,13 @@ def word_dataset(folder: Path) -> Path:
 
 def sentences(n_docs: int = 24, words: int = 120) -> list[str]:
     return [" ".join(WORDS[(7 * d + 3 * i + i * i) % len(WORDS)] for i in range(words)) + "." for d in range(n_docs)]
+
+
+def ctrl_c_reaches_child() -> None:
+    """`preexec_fn` of a child process a test interrupts with SIGINT: a shell without job control starts
+    background commands with SIGINT ignored, an ignored signal stays ignored across exec, and Python then
+    installs no KeyboardInterrupt handler, so a test run in the background would never reach the child."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class Crash(Exception):

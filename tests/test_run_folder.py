@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import word_dataset
+from helpers import ctrl_c_reaches_child, word_dataset
 
 from slmforge.cli import main
 from slmforge.config import load_config
@@ -108,7 +108,8 @@ def test_ctrl_c_stops_cleanly_and_says_where_to_resume(tmp_path, data):
     command = [sys.executable, "-m", "slmforge.cli", "train", "--preset", "tiny", "--data", str(data),
                "--out", str(out), "--set", "train.steps=100000", "--set", "train.save_every=2",
                "--set", "train.eval_every=100000"]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               preexec_fn=ctrl_c_reaches_child)
     deadline = time.monotonic() + 60
     while not (out / "main" / "step_4").is_dir() and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import random_checkpoint
+from helpers import ctrl_c_reaches_child, random_checkpoint
 
 from slmforge.cli import main
 
@@ -32,7 +32,7 @@ def test_serve_answers_the_openai_client_like_sample_greedy(tmp_path, capsys):
     expected = sample_greedy(checkpoint, capsys)
     server = subprocess.Popen([sys.executable, "-m", "slmforge.cli", "serve", str(checkpoint), "--port", "0",
                                "--model-name", "qs"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=ctrl_c_reaches_child)
     try:
         line = server.stdout.readline()  # the ready line comes once the server answers
         url = re.search(r"http://[\d.]+:\d+/v1", line)
