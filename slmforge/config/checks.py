@@ -88,10 +88,10 @@ RULES: dict[type, dict[str, str | tuple | None]] = {
         "threads": NON_NEGATIVE,
         "init": None,  # a path, checked by the trainer when it opens it
     },
-    PhaseConfig: {"name": None, "steps": POSITIVE},
+    PhaseConfig: {"name": None, "steps": POSITIVE},  # the name is a folder of the run (_validate_phase)
     LoraConfig: {"rank": NON_NEGATIVE, "alpha": POSITIVE, "targets": None},  # targets: matched when applied
     DistillConfig: {"teacher": None, "temperature": POSITIVE, "weight": FRACTION},
-    PreferenceConfig: {"beta": POSITIVE, "reference": None},  # the name is a folder of the run (_validate_phase)
+    PreferenceConfig: {"beta": POSITIVE, "reference": None},  # paths, checked when the run opens them
 }
 
 

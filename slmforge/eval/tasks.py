@@ -17,10 +17,10 @@ from __future__ import annotations
 import importlib
 import sys
 import time
-
-import torch
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from slmforge.eval.task import TaskResult, eval_folder, format_table, save_result
 
@@ -73,8 +73,8 @@ TASKS: dict[str, Task] = {t.name: t for t in [
          frozenset({"prompts", "prompts_file", "temperature", "top_p", "max_new_tokens", "seed"})),
 ]}
 
-FLAGS = {"limit": "--limit", "data": "--data", "sources": "--source", "shots": "--shots", "chat": "--chat", "prompts": "--prompt",
-         "prompts_file": "--prompts", "temperature": "--temperature", "top_p": "--top-p",
+FLAGS = {"limit": "--limit", "data": "--data", "sources": "--source", "shots": "--shots", "chat": "--chat",
+         "prompts": "--prompt", "prompts_file": "--prompts", "temperature": "--temperature", "top_p": "--top-p",
          "max_new_tokens": "--max-new-tokens", "seed": "--seed", "samples": "--samples", "k": "--k",
          "stride": "--stride", "seq_len": "--seq-len", "batches": "--batches"}
 
@@ -233,7 +233,6 @@ def run_tasks(run: str | Path, names: list[str], options: TaskOptions | None = N
     finally:
         torch.set_num_threads(threads)
     ordered = [results[n] for n in names]
-
     if not quiet:
         print(f"{loaded.checkpoint}")
         print(format_table(ordered))

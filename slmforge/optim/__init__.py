@@ -48,7 +48,8 @@ __all__ = [
 
 OTHERS = ("adamw", "lion", "sgd")  # optimizers that take any parameter, alone or beside Muon
 EMBEDDING_NAMES = ("embed", "lm_head")  # module names whose weights are token embeddings / the output head
-NON_MUON_MATRIX_NAMES = ("router", "lora_A", "lora_B")  # module names of matrices kept out of Muon (see the module docstring)
+# names (of modules, or of LoRA's factors) of matrices kept out of Muon (see the module docstring)
+NON_MUON_MATRIX_NAMES = ("router", "lora_A", "lora_B")
 VECTOR_NAMES = ("residual",)  # module names whose parameters are stacks of vectors
 
 
