@@ -16,26 +16,35 @@ def cmd_tokenizer_train(args) -> None:
     print(f"tokenizer with {tokenizer.vocab_size} tokens written to {args.out}/tokenizer.json")
 
 
+def _text_flags(args) -> tuple[tuple[str, object], ...]:
+    """(flag, value) of the options only text sources take."""
+    return (("--source", args.source), ("--val-source", args.val_source),
+            ("--max-tokens-per-source", args.max_tokens_per_source), ("--fim-rate", args.fim_rate))
+
+
+def _chat_template(args) -> str | None:
+    """--chat-template as prepare_chat_dataset takes it: None, "chatml", or the Jinja text of the file."""
+    from pathlib import Path
+
+    if args.chat_template in (None, "chatml"):
+        return args.chat_template
+    return Path(args.chat_template).read_text(encoding="utf-8")
+
+
 def _prepare_chat(args, tokenizer) -> None:
     import sys
-    from pathlib import Path
 
     from slmforge.data.chat import format_chat_report, parse_chat_source, prepare_chat_dataset
     from slmforge.data.conversations import RowFormat, parse_pairs
 
-    mixed = [flag for flag, value in (("--source", args.source), ("--val-source", args.val_source),
-                                      ("--max-tokens-per-source", args.max_tokens_per_source),
-                                      ("--fim-rate", args.fim_rate)) if value]
+    mixed = [flag for flag, value in _text_flags(args) if value]
     if mixed:
         raise ValueError(f"{mixed[0]} is for text sources; with --chat give chat files only (--val-chat for a "
                          "validation file)")
-    template = args.chat_template
-    if template not in (None, "chatml"):
-        template = Path(template).read_text(encoding="utf-8")
     fmt = RowFormat(args.chat_format, parse_pairs(args.role_map, "--role-map", "bot=assistant"),
                     parse_pairs(args.field, "--field", "output=answer"))
-    meta = prepare_chat_dataset([parse_chat_source(s) for s in args.chat], tokenizer, args.out, template=template,
-                                train_on=args.train_on, val_fraction=args.val_fraction,
+    meta = prepare_chat_dataset([parse_chat_source(s) for s in args.chat], tokenizer, args.out,
+                                template=_chat_template(args), train_on=args.train_on, val_fraction=args.val_fraction,
                                 val_sources=[parse_chat_source(s) for s in args.val_chat], fmt=fmt,
                                 skip_bad=args.skip_bad_rows, progress=sys.stderr.isatty())
     print(format_chat_report(meta))
@@ -43,34 +52,20 @@ def _prepare_chat(args, tokenizer) -> None:
 
 def _prepare_preference(args, tokenizer) -> None:
     import sys
-    from pathlib import Path
 
     from slmforge.data.chat import parse_chat_source
     from slmforge.data.preference import format_preference_report, prepare_preference_dataset
 
-    mixed = [flag for flag, value in (("--source", args.source), ("--val-source", args.val_source),
-                                      ("--max-tokens-per-source", args.max_tokens_per_source),
-                                      ("--fim-rate", args.fim_rate), ("--val-chat", args.val_chat),
-                                      ("--role-map", args.role_map), ("--field", args.field),
-                                      ("--chat-format", args.chat_format != "auto"),
-                                      ("--train-on", args.train_on != "assistant")) if value]
+    chat_only = (("--val-chat", args.val_chat), ("--role-map", args.role_map), ("--field", args.field),
+                 ("--chat-format", args.chat_format != "auto"), ("--train-on", args.train_on != "assistant"))
+    mixed = [flag for flag, value in (*_text_flags(args), *chat_only) if value]
     if mixed:
         raise ValueError(f"{mixed[0]} is not for preference rows; with --preference give {{prompt, chosen, "
                          "rejected}} files only (--val-preference for a validation file); the loss reads the final "
                          "replies")
-    template = args.chat_template
-    if template not in (None, "chatml"):
-        template = Path(template).read_text(encoding="utf-8")
-
-    def pair_source(spec: str):  # the chat sources' syntax, named by this flag in its message
-        try:
-            return parse_chat_source(spec)
-        except ValueError as e:
-            raise ValueError(str(e).replace("--chat ", "--preference ", 1)) from None
-
-    meta = prepare_preference_dataset([pair_source(s) for s in args.preference], tokenizer, args.out,
-                                      template=template, val_fraction=args.val_fraction,
-                                      val_sources=[pair_source(s) for s in args.val_preference],
+    meta = prepare_preference_dataset([parse_chat_source(s, "--preference") for s in args.preference], tokenizer,
+                                      args.out, template=_chat_template(args), val_fraction=args.val_fraction,
+                                      val_sources=[parse_chat_source(s, "--preference") for s in args.val_preference],
                                       skip_bad=args.skip_bad_rows, progress=sys.stderr.isatty())
     print(format_preference_report(meta))
 

@@ -41,20 +41,20 @@ class ChatSource:
     weight: float = 1.0
 
 
-def parse_chat_source(spec: str) -> ChatSource:
-    """[NAME=]FILE.jsonl[@WEIGHT] -> ChatSource (name: the file's stem)."""
+def parse_chat_source(spec: str, flag: str = "--chat") -> ChatSource:
+    """[NAME=]FILE.jsonl[@WEIGHT] -> ChatSource (name: the file's stem); errors name `flag`."""
     text, weight = spec, 1.0
     if "@" in spec:
         text, _, number = spec.rpartition("@")
         try:
             weight = float(number)
         except ValueError:
-            raise ValueError(f"--chat {spec!r}: the weight after @ must be a number") from None
+            raise ValueError(f"{flag} {spec!r}: the weight after @ must be a number") from None
     name, sep, path = text.partition("=")
     if not sep:
         name, path = Path(text).stem, text
     if not name or not path:
-        raise ValueError(f"--chat {spec!r}: expected [NAME=]FILE.jsonl[@WEIGHT]")
+        raise ValueError(f"{flag} {spec!r}: expected [NAME=]FILE.jsonl[@WEIGHT]")
     return ChatSource(name, Path(path), weight)
 
 
