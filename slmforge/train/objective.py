@@ -105,9 +105,9 @@ class Preference:
             policy = sequence_logprobs(logits, batch.targets)
             reference = sequence_logprobs(self.reference(batch.tokens)[0], batch.targets)
             _, parts = dpo_loss(policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], self.beta)
-            dpo = [parts[k].item() * pairs for k in ("dpo_loss", "reward_accuracy", "reward_margin")]
-            return torch.cat([batch_sums(logits[:pairs], batch.targets[:pairs], byte_lengths),
-                              torch.tensor([*dpo, pairs], dtype=torch.float64, device=logits.device)])
+            means = torch.stack([parts[k] for k in ("dpo_loss", "reward_accuracy", "reward_margin")]).double()
+            count = torch.tensor([pairs], dtype=torch.float64, device=logits.device)
+            return torch.cat([batch_sums(logits[:pairs], batch.targets[:pairs], byte_lengths), means * pairs, count])
 
         return sum_over_batches(model, batches, score, 7, autocast_ctx)
 
@@ -120,12 +120,12 @@ class Preference:
                 "reward_margin": sums[5].item() / pairs}
 
 
-def _preference_objective(cfg: RunConfig, device: torch.device, log: Callable[[str], None]) -> Preference | None:
-    """DPO when the run's data is preference data (data prepare --preference), else None."""
-    from slmforge.data.loader import TokenDataset
-
+def _preference_objective(cfg: RunConfig, datasets: list, device: torch.device,
+                          log: Callable[[str], None]) -> Preference | None:
+    """DPO when the run's data (`datasets`, one per phase) is preference data (data prepare --preference),
+    else None."""
     phases = cfg.run_phases()
-    kinds = [TokenDataset(p.data.path).kind == "preference" for p in phases]
+    kinds = [dataset.kind == "preference" for dataset in datasets]
     if not any(kinds):
         if cfg.preference.reference:
             raise ConfigError(f"preference.reference={cfg.preference.reference}: the run's data is not preference "
@@ -158,11 +158,11 @@ def _preference_objective(cfg: RunConfig, device: torch.device, log: Callable[[s
     return Preference(loaded.model, cfg.preference.beta)
 
 
-def build_objective(cfg: RunConfig, device: torch.device, log: Callable[[str], None]):
-    """The objective `cfg` asks for: DPO on preference data, distillation when distill.teacher is set, else
-    language modeling."""
+def build_objective(cfg: RunConfig, datasets: list, device: torch.device, log: Callable[[str], None]):
+    """The objective `cfg` asks for: DPO on preference data (`datasets`: each phase's TokenDataset),
+    distillation when distill.teacher is set, else language modeling."""
     t = cfg.train
-    preference = _preference_objective(cfg, device, log)
+    preference = _preference_objective(cfg, datasets, device, log)
     if preference is not None:
         return preference
     if cfg.distill.teacher:

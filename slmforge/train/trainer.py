@@ -104,7 +104,7 @@ class Trainer:
             self.adapted = add_adapters(self.model, cfg.lora, self.log)
         self.ddp = distributed.wrap(self.model, d)
         self.train_model = torch.compile(self.ddp) if cfg.train.compile else self.ddp
-        self.objective = build_objective(cfg, d.device, self.log)
+        self.objective = build_objective(cfg, datasets, d.device, self.log)
         self.byte_lengths = tokenizer.token_byte_lengths()
         self.metrics = MetricsLog(out / "metrics.jsonl", d.is_main)
         self.progress = Progress()
