@@ -12,7 +12,7 @@ replies learned, conversations packed), the seed (so the same rows), steps, batc
 AdamW (betas 0.9/0.95, no weight decay) and a cosine schedule with one warmup step. One thread by default:
 beside other work two OpenMP threads lose to one and swing from run to run (README, Training / Threads);
 `--threads 2` on a quiet machine.
-  full        every weight trains, lr 5e-5 (the recipe's)
+  full        every weight trains, lr 5e-5 (`--lr`)
   lora        rank 8, alpha 16 on q/k/v/o and the SwiGLU's gate/up/down (lora.targets' default), lr 2e-4
   lora-attn   rank 8, alpha 16 on q/k/v/o only, lr 2e-4
 Adapters usually take a larger learning rate than the whole model (B starts at zero); it moves the losses,

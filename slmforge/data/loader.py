@@ -257,7 +257,7 @@ def training_batches(dataset: TokenDataset, seq_len: int, batch_size: int, seed:
 def validation_batches(dataset: TokenDataset, seq_len: int, batch_size: int, max_batches: int,
                        weights: dict[str, float] | None = None, pack: bool = True) -> list[Batch]:
     """The fixed validation set of `dataset` (see `val_batches`; chat data: `conversation_val_batches`;
-    preference data: `preference_val_batches`, the chosen replies)."""
+    preference data: `preference_val_batches`, paired batches of the val pairs)."""
     if dataset.kind == "preference":
         from slmforge.data.preference_batches import preference_val_batches
 
